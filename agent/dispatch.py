@@ -1,0 +1,92 @@
+"""The SPOE message handler: turns an ``mqtt-connect`` message into an ACK.
+
+Kept apart from the server (which knows nothing of MQTT) and from the engine
+(which knows nothing of SPOP). Every ACK sets at least ``how``: HAProxy 3.1+
+leaves a stream waiting until ``timeout processing`` on an empty ACK.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from agent.affinity import AffinityEngine, Decision
+from agent.logs import warn_limited
+from agent.metrics import HOWS, Metrics
+from agent.request import ConnectRequest, parse_connect
+from agent.spop import Action, Message, Scope, SetVar
+
+log = logging.getLogger("mqtt_affinity.decision")
+
+MESSAGE_NAME = "mqtt-connect"
+# Immutable, so shared by every ACK instead of rebuilt per decision.
+_HOW_ACTIONS = {how: SetVar(Scope.TRANSACTION, "how", how) for how in HOWS}
+
+
+def _show_id(client_id: bytes | None) -> str:
+    """A bounded, printable rendering of a client id for logs."""
+    if client_id is None:
+        return "-"
+    text = client_id[:64].decode("utf-8", "backslashreplace")
+    return text + ("..." if len(client_id) > 64 else "")
+
+
+class AffinityDispatcher:
+    def __init__(self, engine: AffinityEngine, metrics: Metrics) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self._node_actions: dict[str, SetVar] = {}
+
+    def _node_action(self, node: str) -> SetVar:
+        action = self._node_actions.get(node)
+        if action is None:
+            if len(self._node_actions) > 1024:  # node names come from config, but stay bounded anyway
+                self._node_actions.clear()
+            action = self._node_actions[node] = SetVar(Scope.TRANSACTION, "node", node)
+        return action
+
+    async def handle(self, message: Message) -> list[Action]:
+        if message.name != MESSAGE_NAME:
+            warn_limited(log, "unknown-message", "ignoring unknown SPOE message %r", message.name[:64])
+            return [_HOW_ACTIONS["none"]]
+        started = time.perf_counter()
+        request = parse_connect(message.args)
+        decision = await self._engine.decide(request)
+        elapsed = time.perf_counter() - started
+        self._metrics.record_decision(decision.how, decision.node, elapsed, decision.pin_ignored)
+        if decision.pin_ignored:
+            warn_limited(log, f"pin-ignored-{decision.pin_ignored}",
+                         "pin to node %r ignored: node is down, in maintenance or unknown", decision.pin_ignored)
+        if log.isEnabledFor(logging.DEBUG):
+            self._log(request, decision, elapsed)
+        if decision.node:
+            return [self._node_action(decision.node), _HOW_ACTIONS[decision.how]]
+        return [_HOW_ACTIONS[decision.how]]
+
+    def on_error(self, message: Message, exc: BaseException) -> list[Action]:
+        # A bug, not an outage (the engine absorbs Redis failures): HAProxy's
+        # consistent hash on txn.cid takes over, which both balancers share.
+        self._metrics.record_decision("none", None, 0.0, None)
+        return [_HOW_ACTIONS["none"]]
+
+    @staticmethod
+    def _log(request: ConnectRequest, decision: Decision, elapsed: float) -> None:
+        log.debug(
+            "decision client_id=%s how=%s node=%s previous=%s source=%s ms=%.3f",
+            _show_id(request.client_id), decision.how, decision.node, decision.previous, decision.source,
+            elapsed * 1000,
+            extra={"fields": {
+                "client_id": _show_id(request.client_id),
+                "how": decision.how,
+                "node": decision.node,
+                "previous": decision.previous,
+                "pin_ignored": decision.pin_ignored,
+                "source": decision.source,
+                "persistent": request.persistent,
+                "proto_ver": request.proto_ver,
+                "balancer": request.balancer,
+                "src": request.src,
+                "ms": round(elapsed * 1000, 3),
+                "error": decision.error,
+            }},
+        )

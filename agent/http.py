@@ -1,0 +1,94 @@
+"""A minimal HTTP/1.1 endpoint for /metrics, /healthz and /readyz.
+
+prometheus-client's own server runs in a thread; ours shares the event loop so
+readiness reads the live state without locks. It is deliberately small:
+GET only, headers capped, one request per connection, slow peers timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("mqtt_affinity.http")
+
+MAX_HEADER_BYTES = 8192
+READ_TIMEOUT = 5.0
+
+Readiness = Callable[[], tuple[bool, str]]
+
+
+class HttpEndpoint:
+    def __init__(self, host: str, port: int, render_metrics: Callable[[], bytes], ready: Readiness) -> None:
+        self.host = host
+        self.port = port
+        self._render = render_metrics
+        self._ready = ready
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, reuse_address=True, limit=MAX_HEADER_BYTES
+        )
+        if self.port == 0:
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+        except asyncio.LimitOverrunError:
+            await self._respond(writer, 431, b"request header too large\n")
+            return
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+            writer.close()
+            return
+        parts = head.split(b"\r\n", 1)[0].split(b" ")
+        if len(parts) != 3:
+            await self._respond(writer, 400, b"bad request\n")
+            return
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            await self._respond(writer, 405, b"method not allowed\n", extra=b"Allow: GET, HEAD\r\n")
+            return
+        head_only = method == b"HEAD"
+        if target == b"/metrics":
+            await self._respond(writer, 200, self._render(), CONTENT_TYPE_LATEST.encode(), head_only=head_only)
+        elif target == b"/healthz":
+            await self._respond(writer, 200, b"ok\n", head_only=head_only)
+        elif target == b"/readyz":
+            ok, why = self._ready()
+            await self._respond(writer, 200 if ok else 503, (why + "\n").encode(), head_only=head_only)
+        else:
+            await self._respond(writer, 404, b"not found\n", head_only=head_only)
+
+    @staticmethod
+    async def _respond(
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        content_type: bytes = b"text/plain; charset=utf-8",
+        *,
+        extra: bytes = b"",
+        head_only: bool = False,
+    ) -> None:
+        reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+                  431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}[status]
+        header = (
+            b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n"
+            % (status, reason, content_type, len(body), extra)
+        )
+        try:
+            writer.write(header if head_only else header + body)
+            await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()

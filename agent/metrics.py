@@ -1,0 +1,167 @@
+"""Prometheus metrics, bound once.
+
+prometheus-client's ``labels()`` takes a lock and a dict lookup per call, so
+every label combination the hot path touches is resolved here, at start-up
+(or on a SIGHUP reload for per-node series). Label values are always drawn
+from closed sets (decision outcomes, frame kinds, status codes, configured
+node names): a client id never becomes a label.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from agent import __version__
+
+HOWS = ("hit", "assigned", "moved", "pinned", "fallback", "none")
+NODE_STATES = ("active", "drain", "evacuate", "maintenance")
+FRAME_KINDS = ("hello", "notify", "disconnect", "ack")
+# Decisions take 0.1-2 ms normally; the tail up to HAProxy's processing timeout matters.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5)
+OTHER_NODE = "_other"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        Info("mqtt_affinity_build", "Build information", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+        self._decisions = Counter("mqtt_affinity_decisions", "Placement decisions by outcome", ["how"], registry=r)
+        self.decisions = {how: self._decisions.labels(how) for how in HOWS}
+        self.decision_seconds = Histogram(
+            "mqtt_affinity_decision_seconds", "Time to decide one CONNECT, Redis included",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.redis_seconds = Histogram(
+            "mqtt_affinity_redis_seconds", "Redis round trip of one decision", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self._redis_errors = Counter(
+            "mqtt_affinity_redis_errors", "Decisions that could not use Redis, by cause", ["cause"], registry=r
+        )
+        self.redis_errors = {c: self._redis_errors.labels(c) for c in ("error", "unavailable")}
+        self.redis_up = Gauge("mqtt_affinity_redis_up", "1 while Redis answers", registry=r)
+        self.fallbacks = Counter(
+            "mqtt_affinity_fallbacks", "Decisions answered by local hashing because Redis was unavailable", registry=r
+        )
+        self._moves = Counter("mqtt_affinity_moves", "Clients re-placed on another node, by new node", ["node"], registry=r)
+        self._pins = Counter("mqtt_affinity_pins_honoured", "Pins followed, by node", ["node"], registry=r)
+        self._pins_ignored = Counter(
+            "mqtt_affinity_pins_ignored", "Pins ignored because their node was down or unknown", ["node"], registry=r
+        )
+        self._routed = Counter("mqtt_affinity_routed", "Decisions that named a node, by node", ["node"], registry=r)
+        self.spop_connections = Gauge("mqtt_affinity_spop_connections", "Open SPOP connections", registry=r)
+        self.spop_connections_total = Counter(
+            "mqtt_affinity_spop_connections_opened", "SPOP connections accepted", registry=r
+        )
+        self.spop_healthchecks = Counter(
+            "mqtt_affinity_spop_healthchecks", "HAProxy spop-check health checks answered", registry=r
+        )
+        self._frames_in = Counter("mqtt_affinity_spop_frames_received", "SPOP frames received", ["type"], registry=r)
+        self._frames_out = Counter("mqtt_affinity_spop_frames_sent", "SPOP frames sent", ["type"], registry=r)
+        self.frames_in = {k: self._frames_in.labels(k) for k in FRAME_KINDS}
+        self.frames_out = {k: self._frames_out.labels(k) for k in FRAME_KINDS}
+        self._disconnects = Counter(
+            "mqtt_affinity_spop_disconnects", "SPOP disconnects by side and status code", ["side", "status"], registry=r
+        )
+        self._node_up = Gauge("mqtt_affinity_node_up", "1 while the broker node passes health checks", ["node"], registry=r)
+        self._node_state = Gauge(
+            "mqtt_affinity_node_state", "1 for the node's current operator state", ["node", "state"], registry=r
+        )
+        self._node_weight = Gauge("mqtt_affinity_node_weight", "Effective placement weight", ["node"], registry=r)
+        self._node_sessions = Gauge(
+            "mqtt_affinity_node_sessions", "Placement records (sessions) owned by the node", ["node"], registry=r
+        )
+        self.moves: dict[str, Counter] = {}
+        self.pins: dict[str, Counter] = {}
+        self.pins_ignored: dict[str, Counter] = {}
+        self.routed: dict[str, Counter] = {}
+        self.bind_nodes(())
+
+    def bind_nodes(self, names: Iterable[str]) -> None:
+        """(Re)bind the per-node children; unknown names count under ``_other``."""
+        names = list(names) + [OTHER_NODE]
+        self.moves = {n: self._moves.labels(n) for n in names}
+        self.pins = {n: self._pins.labels(n) for n in names}
+        self.pins_ignored = {n: self._pins_ignored.labels(n) for n in names}
+        self.routed = {n: self._routed.labels(n) for n in names}
+
+    @staticmethod
+    def _pick(children: dict[str, Counter], node: str) -> Counter:
+        return children.get(node) or children[OTHER_NODE]
+
+    def record_decision(self, how: str, node: str | None, seconds: float, pin_ignored: str | None) -> None:
+        self.decisions[how].inc()
+        self.decision_seconds.observe(seconds)
+        if node:
+            self._pick(self.routed, node).inc()
+            if how == "moved":
+                self._pick(self.moves, node).inc()
+            elif how == "pinned":
+                self._pick(self.pins, node).inc()
+        if pin_ignored:
+            self._pick(self.pins_ignored, pin_ignored).inc()
+        if how == "fallback":
+            self.fallbacks.inc()
+
+    def set_node(self, name: str, *, up: bool, state: str, weight: float, sessions: int | None = None) -> None:
+        """Called by the periodic refresh, not the hot path."""
+        self._node_up.labels(name).set(1 if up else 0)
+        for s in NODE_STATES:
+            self._node_state.labels(name, s).set(1 if s == state else 0)
+        self._node_weight.labels(name).set(weight)
+        if sessions is not None:
+            self._node_sessions.labels(name).set(sessions)
+
+    def forget_node(self, name: str) -> None:
+        for gauge in (self._node_up, self._node_weight, self._node_sessions):
+            try:
+                gauge.remove(name)
+            except KeyError:
+                pass
+        for s in NODE_STATES:
+            try:
+                self._node_state.remove(name, s)
+            except KeyError:
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class SpopMetricsObserver:
+    """Adapts ``Metrics`` to the server's observer hooks."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+        self._disconnect_children: dict[tuple[str, int], Counter] = {}
+
+    def connection_opened(self) -> None:
+        self._m.spop_connections.inc()
+        self._m.spop_connections_total.inc()
+
+    def connection_closed(self) -> None:
+        self._m.spop_connections.dec()
+
+    def healthcheck(self) -> None:
+        self._m.spop_healthchecks.inc()
+
+    def frame_received(self, kind: str) -> None:
+        self._m.frames_in[kind].inc()
+
+    def frame_sent(self, kind: str) -> None:
+        self._m.frames_out[kind].inc()
+
+    def disconnect(self, side: str, status: int) -> None:
+        # Status codes form a small closed set (0-13, 99); anything else is folded into 99.
+        if not (0 <= status <= 13):
+            status = 99
+        key = (side, status)
+        child = self._disconnect_children.get(key)
+        if child is None:
+            child = self._disconnect_children[key] = self._m._disconnects.labels(side, str(status))
+        child.inc()

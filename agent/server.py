@@ -1,0 +1,363 @@
+"""asyncio transport for the sans-IO SPOP codec.
+
+This module only moves bytes and tasks: every protocol decision lives in
+``agent.spop``. Three guarantees matter to operators and are enforced here:
+
+* Bounded memory. Each connection reads into a buffer no larger than the
+  codec's ``room`` (one frame at most), and stops reading while its in-flight
+  limit is reached or while HAProxy is not draining our writes.
+* Whole frames. Every frame the codec produces goes to the transport in one
+  ``write()``; frames finished in the same loop iteration are coalesced into
+  one write (never split). HAProxy 3.2 resets connections on split frames.
+* Graceful stop. ``shutdown()`` stops accepting, lets in-flight NOTIFYs finish,
+  then says AGENT-DISCONNECT to every peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Protocol
+
+from agent.logs import warn_limited
+from agent.spop import (
+    Ack,
+    Action,
+    AgentDisconnect,
+    AgentHello,
+    ConnectionClosed,
+    Disconnect,
+    Hello,
+    LocalProtocolError,
+    Message,
+    Notify,
+    ProtocolError,
+    SpopConnection,
+    State,
+    Status,
+)
+
+log = logging.getLogger("mqtt_affinity.spop")
+
+
+class Dispatcher(Protocol):
+    """What the server needs from the application: one answer per message."""
+
+    async def handle(self, message: Message) -> list[Action]: ...
+
+    def on_error(self, message: Message, exc: BaseException) -> list[Action]:
+        """Actions for a message whose handler raised: the ACK must still go out."""
+        ...
+
+
+class ServerObserver(Protocol):
+    """Metric hooks, bound once by the caller; every method must be cheap."""
+
+    def connection_opened(self) -> None: ...
+    def connection_closed(self) -> None: ...
+    def healthcheck(self) -> None: ...
+    def frame_received(self, kind: str) -> None: ...
+    def frame_sent(self, kind: str) -> None: ...
+    def disconnect(self, side: str, status: int) -> None: ...
+
+
+class NullObserver:
+    def connection_opened(self) -> None: pass
+    def connection_closed(self) -> None: pass
+    def healthcheck(self) -> None: pass
+    def frame_received(self, kind: str) -> None: pass
+    def frame_sent(self, kind: str) -> None: pass
+    def disconnect(self, side: str, status: int) -> None: pass
+
+
+class _SpopProtocol(asyncio.BufferedProtocol):
+    """One HAProxy connection: codec + in-flight task bookkeeping."""
+
+    def __init__(self, server: SpopServer) -> None:
+        self._server = server
+        self._conn = SpopConnection(max_frame_size=server.max_frame_size)
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray(4 + server.max_frame_size)
+        self._view = memoryview(self._buf)
+        self._pending: deque[Notify] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._reading_paused = False
+        self._write_paused = False
+        self._closing = False
+        self._drained = asyncio.get_running_loop().create_future()
+        self.peer = "?"
+
+    # -- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self._server._connections.add(self)
+        self._server.observer.connection_opened()
+        if self._server.stopping:
+            self._disconnect(Status.NORMAL, "agent is shutting down")
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Never more than the codec can hold: a peer cannot make us buffer
+        # more than one frame, whatever it sends.
+        return self._view[: max(1, self._conn.room)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            events = self._conn.receive_data(bytes(self._view[:nbytes]))
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        for event in events:
+            self._on_event(event)
+        self._update_reading()
+
+    def eof_received(self) -> bool | None:
+        self._conn.receive_data(b"")
+        self._abort_work()
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn.state is not State.CLOSED:
+            try:
+                self._conn.receive_data(b"")
+            except ProtocolError:
+                pass
+        self._abort_work()
+        self._server._connections.discard(self)
+        self._server.observer.connection_closed()
+        if not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        # HAProxy is not reading our ACKs: stop taking new work from it.
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # -- events -------------------------------------------------------------
+
+    def _on_event(self, event: object) -> None:
+        obs = self._server.observer
+        if isinstance(event, Notify):
+            obs.frame_received("notify")
+            if self._closing:
+                return
+            if len(self._tasks) < self._server.max_in_flight:
+                self._start(event)
+            else:
+                self._pending.append(event)
+        elif isinstance(event, Hello):
+            obs.frame_received("hello")
+            self._write(self._conn.send(AgentHello()), "hello")
+            if event.healthcheck or self._conn.state is State.CLOSED:
+                obs.healthcheck()
+                self._close_transport()
+        elif isinstance(event, Disconnect):
+            obs.frame_received("disconnect")
+            obs.disconnect("haproxy", int(event.status))
+            if event.status != Status.NORMAL:
+                warn_limited(log, f"haproxy-disconnect-{event.status}",
+                             "HAProxy %s disconnected: status %s (%s)", self.peer, event.status, event.message)
+            self._abort_work()
+            self._write(self._conn.send(AgentDisconnect(Status.NORMAL, "")), "disconnect")
+            self._close_transport()
+        elif isinstance(event, ConnectionClosed):
+            self._abort_work()
+
+    def _start(self, notify: Notify) -> None:
+        task = asyncio.get_running_loop().create_task(self._process(notify))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    async def _process(self, notify: Notify) -> None:
+        dispatcher = self._server.dispatcher
+        actions: list[Action] = []
+        for message in notify.messages:
+            try:
+                actions.extend(await dispatcher.handle(message))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the ACK must go out whatever the handler did
+                warn_limited(log, "handler-error", "handler for %r failed: %r", message.name, exc)
+                actions.extend(dispatcher.on_error(message, exc))
+        if self._conn.state is not State.READY:
+            return  # peer gone or disconnecting: nobody to answer
+        try:
+            frame = self._conn.send(Ack(notify.stream_id, notify.frame_id, tuple(actions)))
+        except LocalProtocolError as exc:
+            warn_limited(log, "ack-error", "cannot encode ACK for stream %d: %s", notify.stream_id, exc)
+            return
+        self._write(frame, "ack")
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            warn_limited(log, "task-error", "NOTIFY task failed: %r", task.exception())
+        while self._pending and len(self._tasks) < self._server.max_in_flight and not self._closing:
+            self._start(self._pending.popleft())
+        self._update_reading()
+        if self._closing and not self._tasks and not self._pending:
+            self._finish_shutdown()
+
+    # -- output -------------------------------------------------------------
+
+    def _write(self, frame: bytes, kind: str) -> None:
+        self._server.observer.frame_sent(kind)
+        self._out.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _close_transport(self) -> None:
+        # Flush what is queued first so the AGENT-HELLO/DISCONNECT reaches HAProxy.
+        self._flush()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    # -- flow control -------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        busy = bool(self._pending) or self._write_paused or self._closing
+        if busy and not self._reading_paused:
+            transport.pause_reading()
+            self._reading_paused = True
+        elif not busy and self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+
+    # -- errors and shutdown --------------------------------------------------
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        warn_limited(log, f"protocol-error-{int(exc.status)}",
+                     "SPOP protocol error from %s: %s (%s)", self.peer, exc.status.name, exc.reason)
+        self._disconnect(exc.status, exc.reason)
+
+    def _disconnect(self, status: Status, reason: str) -> None:
+        self._server.observer.disconnect("agent", int(status))
+        self._abort_work()
+        try:
+            self._write(self._conn.send(AgentDisconnect(status, reason)), "disconnect")
+        except LocalProtocolError:
+            pass
+        self._close_transport()
+
+    def _abort_work(self) -> None:
+        self._pending.clear()
+        for task in self._tasks:
+            task.cancel()
+
+    def begin_shutdown(self) -> None:
+        """Finish what HAProxy already sent us, then say goodbye."""
+        self._closing = True
+        self._update_reading()
+        if self._conn.state is not State.READY:
+            # Not past HELLO (or already closing): nothing in flight to finish.
+            self._close_transport()
+            return
+        # Frames already received but not yet started are in flight for HAProxy.
+        while self._pending and len(self._tasks) < self._server.max_in_flight:
+            self._start(self._pending.popleft())
+        if not self._tasks and not self._pending:
+            self._finish_shutdown()
+
+    def _finish_shutdown(self) -> None:
+        if self._conn.state is State.READY:
+            self._server.observer.disconnect("agent", int(Status.NORMAL))
+            self._write(self._conn.send(AgentDisconnect(Status.NORMAL, "agent is shutting down")), "disconnect")
+        self._close_transport()
+
+    def force_close(self) -> None:
+        self._abort_work()
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        await self._drained
+
+
+class SpopServer:
+    """Accepts HAProxy's SPOE connections and serves them with ``dispatcher``."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        host: str,
+        port: int,
+        *,
+        max_in_flight: int = 64,
+        max_frame_size: int = 16380,
+        observer: ServerObserver | None = None,
+        backlog: int = 1024,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.host = host
+        self.port = port
+        self.max_in_flight = max_in_flight
+        self.max_frame_size = max_frame_size
+        self.observer: ServerObserver = observer or NullObserver()
+        self.backlog = backlog
+        self.stopping = False
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[_SpopProtocol] = set()
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    @property
+    def sockets(self) -> list[tuple[str, int]]:
+        if self._server is None:
+            return []
+        return [s.getsockname()[:2] for s in self._server.sockets]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _SpopProtocol(self), self.host, self.port, reuse_address=True, backlog=self.backlog
+        )
+        if self.port == 0:
+            self.port = self.sockets[0][1]
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Stop accepting, finish in-flight work for up to ``grace`` seconds, disconnect everyone."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        conns = list(self._connections)
+        for conn in conns:
+            conn.begin_shutdown()
+        if conns:
+            done, not_done = await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=grace)
+            for conn in conns:
+                if not conn._drained.done():
+                    log.warning("SPOP connection %s did not finish within %.1fs; closing it", conn.peer, grace)
+                    conn.force_close()
+        if self._server is not None:
+            await self._server.wait_closed()

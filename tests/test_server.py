@@ -1,0 +1,291 @@
+"""The asyncio SPOP server over real TCP sockets, driven by a peer that frames like HAProxy.
+
+HAProxy itself drives the server in test_haproxy_spop.py; here the peer is
+scripted so that edge cases HAProxy never produces on demand (garbage,
+oversize frames, a flood past the in-flight limit) can be sent exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import pytest
+
+from agent.server import SpopServer
+from agent.spop import Message, Scope, SetVar, Status
+from agent.spop.frames import (
+    FrameType,
+    decode_actions,
+    decode_disconnect_payload,
+    decode_frame,
+    decode_kv_list,
+    encode_frame,
+    encode_haproxy_disconnect,
+    encode_haproxy_hello,
+    encode_notify,
+)
+
+MSG = Message("mqtt-connect", (("client_id", b"dev-1"), ("src", ipaddress.IPv4Address("10.0.0.1"))))
+
+
+class EchoDispatcher:
+    """Answers with the client id it was given; optional gate to hold handlers in flight."""
+
+    def __init__(self) -> None:
+        self.gate: asyncio.Event | None = None
+        self.calls = 0
+        self.running = 0
+        self.max_running = 0
+        self.delays: dict[bytes, float] = {}
+
+    async def handle(self, message: Message) -> list:
+        self.calls += 1
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        try:
+            cid = message.get("client_id")
+            if cid == b"boom":
+                raise RuntimeError("handler bug")
+            if self.gate is not None:
+                await self.gate.wait()
+            if isinstance(cid, bytes) and cid in self.delays:
+                await asyncio.sleep(self.delays[cid])
+            return [SetVar(Scope.TRANSACTION, "node", "node1"), SetVar(Scope.TRANSACTION, "echo", cid)]
+        finally:
+            self.running -= 1
+
+    def on_error(self, message: Message, exc: BaseException) -> list:
+        return [SetVar(Scope.TRANSACTION, "how", "none")]
+
+
+class Peer:
+    """A scripted HAProxy side of one SPOP connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Peer:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def frame(self, timeout: float = 5.0):
+        head = await asyncio.wait_for(self.reader.readexactly(4), timeout)
+        body = await asyncio.wait_for(self.reader.readexactly(int.from_bytes(head, "big")), timeout)
+        return decode_frame(head + body)[0]
+
+    async def hello(self, capabilities: str = "pipelining,async", max_frame_size: int = 16380):
+        await self.send(encode_haproxy_hello(max_frame_size=max_frame_size, capabilities=capabilities, engine_id="e1"))
+        frame = await self.frame()
+        assert frame.type == FrameType.AGENT_HELLO
+        return {k: v for k, _, v in decode_kv_list(frame.payload)}
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        return await asyncio.wait_for(self.reader.read(), timeout) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def start(dispatcher=None, **kw) -> tuple[SpopServer, EchoDispatcher]:
+    d = dispatcher or EchoDispatcher()
+    server = SpopServer(d, "127.0.0.1", 0, **kw)
+    await server.start()
+    return server, d
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_hello_negotiates_pipelining_only_and_acks_carry_actions():
+    async def scenario():
+        server, _ = await start()
+        peer = await Peer.open(server.port)
+        hello = await peer.hello("pipelining,async,fragmentation", max_frame_size=4096)
+        assert hello == {"version": "2.0", "max-frame-size": 4096, "capabilities": "pipelining"}
+        await peer.send(encode_notify(7, 3, [MSG]))
+        ack = await peer.frame()
+        assert (ack.type, ack.stream_id, ack.frame_id) == (FrameType.ACK, 7, 3)
+        actions = decode_actions(ack.payload)
+        assert SetVar(Scope.TRANSACTION, "node", "node1") in actions
+        assert SetVar(Scope.TRANSACTION, "echo", b"dev-1") in actions
+        peer.close()
+        await server.shutdown()
+
+    run(scenario())
+
+
+def test_pipelined_notifies_are_answered_out_of_order_as_each_completes():
+    async def scenario():
+        server, d = await start()
+        # The first frames finish last: ACKs must not wait for each other.
+        for i in range(20):
+            d.delays[b"c%d" % i] = (20 - i) * 0.01
+        peer = await Peer.open(server.port)
+        await peer.hello()
+        await peer.send(b"".join(
+            encode_notify(i + 1, 1, [Message("mqtt-connect", (("client_id", b"c%d" % i),))]) for i in range(20)
+        ))
+        order = []
+        for _ in range(20):
+            ack = await peer.frame()
+            order.append(ack.stream_id)
+            assert SetVar(Scope.TRANSACTION, "echo", b"c%d" % (ack.stream_id - 1)) in decode_actions(ack.payload)
+        assert sorted(order) == list(range(1, 21))
+        assert order[0] == 20 and order[-1] == 1
+        assert d.max_running == 20
+        peer.close()
+        await server.shutdown()
+
+    run(scenario())
+
+
+def test_flood_past_in_flight_limit_is_bounded_and_fully_answered():
+    async def scenario():
+        server, d = await start(max_in_flight=4, max_frame_size=1024)
+        d.gate = asyncio.Event()
+        peer = await Peer.open(server.port)
+        await peer.hello(max_frame_size=1024)
+        # ~18 MB: more than loopback socket buffers hold, so a server that kept
+        # reading would let the sender finish.
+        big = Message("mqtt-connect", (("client_id", b"x" * 900),))
+        n = 20000
+        frames = b"".join(encode_notify(i, 1, [big]) for i in range(1, n + 1))
+        sender = asyncio.create_task(peer.send(frames))
+        await asyncio.sleep(0.3)
+        (proto,) = server._connections
+        # Handlers never exceed the limit, parsed-but-waiting frames come from
+        # at most one buffer of 4+1024 bytes, and the codec holds at most one frame.
+        assert d.max_running <= 4
+        assert len(proto._pending) <= (4 + 1024) // len(encode_notify(1, 1, [big])) + 1
+        assert proto._conn.room >= 0 and proto._reading_paused
+        assert not sender.done()  # the peer is blocked by TCP flow control, not buffered by us
+        d.gate.set()
+        seen = set()
+        while len(seen) < n:
+            seen.add((await peer.frame()).stream_id)
+        await sender
+        assert seen == set(range(1, n + 1)) and d.calls == n
+        peer.close()
+        await server.shutdown()
+
+    run(scenario())
+
+
+def test_healthcheck_hello_is_answered_then_closed():
+    async def scenario():
+        server, _ = await start()
+        peer = await Peer.open(server.port)
+        await peer.send(encode_haproxy_hello(capabilities="", healthcheck=True))
+        frame = await peer.frame()
+        assert frame.type == FrameType.AGENT_HELLO
+        assert await peer.closed()
+        await server.shutdown()
+
+    run(scenario())
+
+
+def test_haproxy_disconnect_is_answered_with_agent_disconnect():
+    async def scenario():
+        server, _ = await start()
+        peer = await Peer.open(server.port)
+        await peer.hello()
+        await peer.send(encode_haproxy_disconnect(0, "bye"))
+        frame = await peer.frame()
+        assert frame.type == FrameType.AGENT_DISCONNECT
+        assert decode_disconnect_payload(frame.payload).status == Status.NORMAL
+        assert await peer.closed()
+        await server.shutdown()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"\x00\x00\x00\x09" + b"\xff" * 9, Status.INVALID_FRAME),
+        ((20000).to_bytes(4, "big") + b"\x01", Status.FRAME_TOO_BIG),
+        (encode_frame(FrameType.NOTIFY, 1, 1, b"", flags=0), Status.FRAGMENTATION_UNSUPPORTED),
+    ],
+    ids=["garbage", "too-big", "no-fin"],
+)
+def test_protocol_errors_get_agent_disconnect_with_status(data: bytes, status: Status):
+    async def scenario():
+        server, _ = await start()
+        peer = await Peer.open(server.port)
+        await peer.hello()
+        await peer.send(data)
+        frame = await peer.frame()
+        assert frame.type == FrameType.AGENT_DISCONNECT
+        assert decode_disconnect_payload(frame.payload).status == status
+        assert await peer.closed()
+        # The server survives and serves the next connection.
+        peer2 = await Peer.open(server.port)
+        await peer2.hello()
+        await peer2.send(encode_notify(1, 1, [MSG]))
+        assert (await peer2.frame()).type == FrameType.ACK
+        peer2.close()
+        await server.shutdown()
+
+    run(scenario())
+
+
+def test_handler_exception_still_acks_with_on_error_actions():
+    async def scenario():
+        server, _ = await start()
+        peer = await Peer.open(server.port)
+        await peer.hello()
+        await peer.send(encode_notify(5, 1, [Message("mqtt-connect", (("client_id", b"boom"),))]))
+        ack = await peer.frame()
+        assert ack.type == FrameType.ACK
+        assert decode_actions(ack.payload) == (SetVar(Scope.TRANSACTION, "how", "none"),)
+        peer.close()
+        await server.shutdown()
+
+    run(scenario())
+
+
+def test_reset_mid_frame_is_a_normal_close():
+    async def scenario():
+        server, _ = await start()
+        peer = await Peer.open(server.port)
+        await peer.hello()
+        await peer.send(encode_notify(1, 1, [MSG])[:-3])
+        peer.writer.transport.abort()
+        await asyncio.sleep(0.1)
+        assert server.connection_count == 0
+        peer2 = await Peer.open(server.port)
+        await peer2.hello()
+        peer2.close()
+        await server.shutdown()
+
+    run(scenario())
+
+
+def test_shutdown_finishes_in_flight_then_disconnects():
+    async def scenario():
+        server, d = await start()
+        d.gate = asyncio.Event()
+        peer = await Peer.open(server.port)
+        await peer.hello()
+        await peer.send(encode_notify(1, 1, [MSG]) + encode_notify(2, 1, [MSG]))
+        while d.running < 2:
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(server.shutdown(grace=5))
+        await asyncio.sleep(0.1)
+        # No new connections while stopping.
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", server.port)
+        d.gate.set()
+        kinds = [(await peer.frame()).type for _ in range(3)]
+        assert kinds == [FrameType.ACK, FrameType.ACK, FrameType.AGENT_DISCONNECT]
+        assert await peer.closed()
+        await stopping
+
+    run(scenario())
