@@ -1,0 +1,133 @@
+"""The shipped HAProxy configs, on HAProxy 2.6 and 3.2, with real brokers and no agent.
+
+Also the end-to-end proof of the process fixtures (tests/support/procs.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.paho_client import connect_once
+from tests.support.procs import (
+    HAPROXY_CFG,
+    NATIVE_STICK_CFG,
+    HAProxy,
+    MiniSpoa,
+    free_port,
+    haproxy_env,
+    parse_log_line,
+)
+
+pytestmark = pytest.mark.haproxy
+
+
+def _env(brokers, **kw):
+    return haproxy_env(mqtt_port=free_port(), broker_addrs=[b.addr for b in brokers], **kw)
+
+
+@pytest.mark.parametrize("cfg", [HAPROXY_CFG, NATIVE_STICK_CFG], ids=lambda p: p.name)
+def test_shipped_config_is_valid(haproxy_version, cfg, tmp_path):
+    env = haproxy_env(
+        mqtt_port=free_port(), broker_addrs=["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], spoa_port=free_port()
+    )
+    HAProxy(haproxy_version, cfg, env, workdir=tmp_path).check()
+
+
+def test_invalid_config_is_reported(haproxy_version, tmp_path):
+    bad = tmp_path / "bad.cfg"
+    bad.write_text("frontend x\n    bind 127.0.0.1:1\n    no-such-keyword here\n")
+    with pytest.raises(Exception) as info:
+        HAProxy(haproxy_version, bad, {}, workdir=tmp_path).check()
+    assert "no-such-keyword" in str(info.value)
+
+
+def test_no_agent_hash_fallback_is_sticky(haproxy_version, haproxy_factory, brokers):
+    env = _env(brokers, balancer_name="ha-test")
+    ha = haproxy_factory(HAPROXY_CFG, env)
+    for node in ("node1", "node2", "node3"):
+        ha.wait_server_status("be_mqtt", node, "UP")
+    # Nothing listens on SPOA_ADDR: the spop health check marks the agent DOWN.
+    ha.wait_server_status("be_spoa", "spoa1", "DOWN")
+
+    port = int(env["MQTT_BIND"].rsplit(":", 1)[1])
+    cid = f"sticky-{haproxy_version}"
+    for n in (1, 2):
+        result = connect_once(port, cid, protocol="3.1.1")
+        assert result.ok, result
+        # HAProxy logs a TCP connection when it closes: wait for this one's line.
+        ha.wait_log(lambda d, n=n: len([x for x in ha.traffic_log() if x["cid"] == cid]) >= n)
+
+    lines = [d for d in ha.traffic_log() if d["cid"] == cid]
+    assert len(lines) == 2, lines
+    chosen = {d["server"] for d in lines}
+    assert len(chosen) == 1 and chosen <= {"node1", "node2", "node3"}, lines
+    for d in lines:
+        assert d["backend"] == "be_mqtt"
+        assert d["balancer"] == "ha-test"
+        assert d["node"] == "-"  # no agent answer: the hash fallback routed it
+        assert d["err"] == "-"  # the nbsrv guard skipped the agent: no SPOE error
+
+    # The broker behind that server name really received both CONNECTs.
+    broker = brokers[int(chosen.pop()[-1]) - 1]
+    assert broker.connected_client_ids().count(cid) == 2, broker.log_text()
+
+
+def test_native_stick_baseline_routes(haproxy_version, haproxy_factory, brokers):
+    env = _env(brokers)
+    ha = haproxy_factory(NATIVE_STICK_CFG, env)
+    ha.wait_server_status("be_mqtt", "node1", "UP")
+    port = int(env["MQTT_BIND"].rsplit(":", 1)[1])
+    for _ in range(2):
+        assert connect_once(port, "native-1").ok
+    ha.wait_log(lambda d: len([x for x in ha.traffic_log() if x["cid"] == "native-1"]) >= 2)
+    servers = {d["server"] for d in ha.traffic_log() if d["cid"] == "native-1"}
+    assert len(servers) == 1, ha.log_text()
+
+
+def test_runtime_api_and_stats(haproxy_version, haproxy_factory, brokers):
+    env = _env(brokers)
+    ha = haproxy_factory(HAPROXY_CFG, env)
+    assert f"Version: {haproxy_version}." in ha.runtime("show info")
+    rows = {(r["pxname"], r["svname"]) for r in ha.stats()}
+    assert {("fe_mqtt", "FRONTEND"), ("be_mqtt", "node1"), ("be_spoa", "spoa1")} <= rows
+    ha.runtime("disable server be_mqtt/node2")
+    ha.wait_server_status("be_mqtt", "node2", "MAINT")
+
+
+def test_parse_log_line():
+    line = (
+        "bal=ha1 127.0.0.1:40000 [01/Jan/2026:00:00:00.000] fe_mqtt be_mqtt/node2 0/0/12 40 -- "
+        "cid=abc node=node2 how=sticky err=- ptime=1"
+    )
+    d = parse_log_line(line)
+    assert d and d["server"] == "node2" and d["cid"] == "abc" and d["how"] == "sticky" and d["ptime"] == "1"
+    assert parse_log_line("[WARNING] something else") is None
+
+
+def test_spoe_answer_routes(haproxy_version, haproxy_factory, brokers, tmp_workdir):
+    """With a minimal SPOP peer answering node=node2: the message carries the expected
+    arguments and the client lands on node2 (proves spoe-mqtt.conf + `mode spop` on 3.2)."""
+    spoa = MiniSpoa("node2", workdir=tmp_workdir("mini-spoa")).start()
+    try:
+        env = _env(brokers, spoa_port=spoa.port, balancer_name="ha-spoe")
+        ha = haproxy_factory(HAPROXY_CFG, env)
+        ha.wait_server_status("be_mqtt", "node2", "UP")
+        ha.wait_server_status("be_spoa", "spoa1", "UP")
+        port = int(env["MQTT_BIND"].rsplit(":", 1)[1])
+        for cid in ("spoe-a", "spoe-b", "spoe-c"):
+            assert connect_once(port, cid, username="alice").ok
+            line = ha.wait_log(lambda d, cid=cid: d["cid"] == cid)
+            assert (line["server"], line["node"], line["how"], line["err"]) == ("node2", "node2", "mini", "-"), line
+        assert brokers[1].connected_client_ids().count("spoe-a") == 1
+
+        msg = next(m for m in spoa.messages() if m["args"]["client_id"][1] == b"spoe-a".hex())
+        args = msg["args"]
+        assert msg["message"] == "mqtt-connect"
+        assert set(args) == {"client_id", "username", "src", "proto_ver", "flags", "sess_expiry", "balancer"}
+        assert args["balancer"] == [8, "ha-spoe"]  # STRING
+        assert args["src"] == [6, "127.0.0.1"]  # IPV4
+        assert args["username"] == [9, b"alice".hex()]  # BINARY
+        assert args["proto_ver"] == [9, b"4".hex()]
+        assert args["sess_expiry"][0] == 0  # NULL on 3.1.1
+    finally:
+        spoa.kill()
