@@ -1,0 +1,407 @@
+"""The operator commands, run as the real ``mqtt-affinity`` console script.
+
+Why subprocesses: exit statuses, the one-line stderr contract and the password redaction
+are what an operator (and their scripts) see, so they are tested at the process boundary.
+Redis is a real ``redis-server``; the "live" broker nodes are plain TCP listeners (peers the
+CLI connects to, as it would to a broker), the "down" node is a closed port, and the agent's
+metrics endpoint serves the exposition text of the real ``agent.metrics.Metrics``.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import socketserver
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from agent.metrics import Metrics
+from agent.store import parse_overrides
+from tests.support.procs import REPO_ROOT, RedisServer, free_port
+
+CLI = str(REPO_ROOT / ".venv" / "bin" / "mqtt-affinity")
+P = b"mqtt-affinity:"
+
+
+class _Quiet(socketserver.BaseRequestHandler):
+    def handle(self) -> None:  # accept and close: all a TCP health probe needs
+        pass
+
+
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    body: bytes = b""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@dataclass
+class Env:
+    redis: RedisServer
+    r: redis.Redis
+    config: Path
+    metrics_port: int
+    down_port: int
+    tmp: Path
+
+
+def _serve(server: socketserver.BaseServer) -> threading.Thread:
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("cli-admin")
+    server = RedisServer(workdir=tmp / "redis")
+    server.start()
+    live = [socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Quiet) for _ in range(2)]
+    metrics = Metrics()
+    for _ in range(3):
+        metrics.record_decision("hit", "node1", 0.001, None)
+    metrics.record_decision("assigned", "node2", 0.001, None)
+    metrics.record_decision("fallback", "node1", 0.001, None)
+    metrics.redis_up.set(1)
+    handler = type("H", (_MetricsHandler,), {"body": metrics.render()})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    servers: list[socketserver.BaseServer] = [*live, httpd]
+    threads = [_serve(s) for s in servers]
+    down_port = free_port()
+    cfg = tmp / "agent.yaml"
+    cfg.write_text(
+        "nodes:\n"
+        f"  - {{name: node1, address: '127.0.0.1:{live[0].server_address[1]}', weight: 2}}\n"
+        f"  - {{name: node2, address: '127.0.0.1:{live[1].server_address[1]}'}}\n"
+        f"  - {{name: node3, address: '127.0.0.1:{down_port}'}}\n"
+        f"redis_url: {server.url}\n"
+        f"metrics_listen: 127.0.0.1:{httpd.server_address[1]}\n"
+        f"listen: 127.0.0.1:{free_port()}\n"
+        "evacuate_rate: 20\n"
+        "health: {timeout: 0.3, interval: 1.0}\n"
+    )
+    client = redis.Redis.from_url(server.url)
+    try:
+        yield Env(server, client, cfg, httpd.server_address[1], down_port, tmp)
+    finally:
+        client.close()
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+        for t in threads:
+            t.join(5)
+        server.kill()
+
+
+@pytest.fixture(autouse=True)
+def _clean(env: Env) -> None:
+    env.r.flushall()
+
+
+def run(*args: str, env_vars: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "MQTT_AFFINITY_CONFIG"}
+    environ.update(env_vars or {})
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=20, env=environ)
+
+
+def cli(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(*args, "--config", str(env.config))
+
+
+def one_line_error(res: subprocess.CompletedProcess[str], status: int) -> str:
+    assert res.returncode == status, (res.returncode, res.stdout, res.stderr)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("mqtt-affinity"), lines[0]
+    return lines[0]
+
+
+def show_json(env: Env, *args: str) -> dict:
+    res = cli(env, "show", *args, "--json")
+    assert res.returncode in (0, 1), res.stderr
+    return json.loads(res.stdout)
+
+
+# --------------------------------------------------------------------------- pins
+
+
+def test_pin_show_unpin_round_trip(env: Env) -> None:
+    before = int(time.time())
+    res = cli(env, "pin", "dev-1", "node1", "--ttl", "300", "--reason", "debugging")
+    assert res.returncode == 0, res.stderr
+    assert "node1" in res.stdout
+    pin = env.r.hgetall(P + b"pin:dev-1")
+    assert pin[b"node"] == b"node1" and pin[b"reason"] == b"debugging"
+    assert before <= int(pin[b"created_at"]) <= int(time.time())
+    assert 0 < env.r.ttl(P + b"pin:dev-1") <= 300
+
+    text = cli(env, "show", "dev-1")
+    assert text.returncode == 0, text.stderr
+    fields = dict(line.split(":", 1) for line in text.stdout.splitlines())
+    assert fields["pin"].strip() == "node1"
+    assert fields["pin reason"].strip() == "debugging"
+    assert fields["why"].strip() == "pinned to node1"
+    assert "no record" in fields["owner"]
+
+    doc = show_json(env, "dev-1")
+    assert doc["client_id"] == "dev-1" and doc["owner"] is None
+    assert doc["pin"]["node"] == "node1" and doc["pin"]["reason"] == "debugging"
+    assert 0 < doc["pin"]["ttl"] <= 300
+    assert doc["next"] == {"action": "pinned", "node": "node1"}
+
+    # A re-pin without --ttl replaces the whole pin, expiry included.
+    assert cli(env, "pin", "dev-1", "node2").returncode == 0
+    assert env.r.hgetall(P + b"pin:dev-1")[b"node"] == b"node2"
+    assert env.r.hget(P + b"pin:dev-1", "reason") == b""
+    assert env.r.ttl(P + b"pin:dev-1") == -1
+    assert show_json(env, "dev-1")["pin"]["ttl"] is None
+
+    assert cli(env, "unpin", "dev-1").returncode == 0
+    assert not env.r.exists(P + b"pin:dev-1")
+    assert "no pin" in one_line_error(cli(env, "unpin", "dev-1"), 1)
+    assert "no record and no pin" in one_line_error(cli(env, "show", "dev-1"), 1)
+    doc = show_json(env, "dev-1")
+    assert doc["owner"] is None and doc["pin"] is None
+
+
+def test_pin_refused_for_unknown_down_or_maintenance_node(env: Env) -> None:
+    line = one_line_error(cli(env, "pin", "dev-2", "node9"), 2)
+    assert "node9" in line and "unknown" in line
+    line = one_line_error(cli(env, "pin", "dev-2", "node3"), 2)
+    assert "down" in line and str(env.down_port) in line
+    env.r.hset(P + b"node-state", "node2", "maintenance")
+    assert "maintenance" in one_line_error(cli(env, "pin", "dev-2", "node2"), 2)
+    assert not env.r.exists(P + b"pin:dev-2")
+    # draining still takes pinned clients: the agent honours pins to drain nodes
+    env.r.hset(P + b"node-state", "node2", "drain")
+    assert cli(env, "pin", "dev-2", "node2").returncode == 0
+
+
+def test_pin_written_with_redis_cli_shows_up(env: Env) -> None:
+    cli_bin = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    subprocess.run(
+        [cli_bin, "-p", str(env.redis.port), "HSET", "mqtt-affinity:pin:hand-made", "node", "node2"],
+        check=True, capture_output=True, timeout=10,
+    )  # fmt: skip
+    res = cli(env, "show", "hand-made")
+    assert res.returncode == 0, res.stderr
+    assert "pinned to node2" in res.stdout
+    doc = show_json(env, "hand-made")
+    assert doc["pin"] == {"node": "node2", "reason": "", "created_at": None, "ttl": None}
+
+
+def test_show_explains_the_next_connect(env: Env) -> None:
+    now = int(time.time())
+    env.r.hset(P + b"owner:car-7", mapping={"node": "node1", "placed_at": now - 60, "by": "ha1"})
+    env.r.expire(P + b"owner:car-7", 3600)
+
+    doc = show_json(env, "car-7")
+    assert doc["owner"]["node"] == "node1" and doc["owner"]["by"] == "ha1"
+    assert doc["owner"]["placed_at"] == now - 60 and 3590 <= doc["owner"]["ttl"] <= 3600
+    assert doc["why"] == "sticks to owner node1"
+    text = cli(env, "show", "car-7").stdout
+    assert "sticks to owner node1" in text and "ha1" in text
+
+    expected = {
+        "drain": ("node1 is draining: stays", "stay"),
+        "evacuate": ("node1 is evacuating: will move", "move"),
+        "maintenance": ("node1 is in maintenance: will move", "move"),
+    }
+    for state, (why, action) in expected.items():
+        env.r.hset(P + b"node-state", "node1", state)
+        doc = show_json(env, "car-7")
+        assert (doc["why"], doc["next"]["action"]) == (why, action), state
+    env.r.delete(P + b"node-state")
+
+    env.r.persist(P + b"owner:car-7")
+    assert show_json(env, "car-7")["owner"]["ttl"] is None
+    assert "never" in cli(env, "show", "car-7").stdout
+
+    env.r.hset(P + b"owner:car-7", "node", "node3")  # the closed port
+    assert show_json(env, "car-7")["why"] == "node3 is down: will move"
+    env.r.hset(P + b"owner:car-7", "node", "retired")
+    assert show_json(env, "car-7")["why"] == "retired is unknown: will move"
+
+    env.r.hset(P + b"owner:car-7", "node", "node1")
+    env.r.hset(P + b"pin:car-7", "node", "node3")  # pin to a down node is ignored
+    doc = show_json(env, "car-7")
+    assert doc["why"].startswith("pin to node3 is ignored (node3 is down)")
+    assert doc["why"].endswith("sticks to owner node1")
+    env.r.hset(P + b"pin:car-7", "node", "node2")
+    assert show_json(env, "car-7")["next"] == {"action": "pinned", "node": "node2"}
+
+    env.r.delete(P + b"owner:car-7", P + b"pin:car-7")
+    env.r.hset(P + b"pin:car-7", "node", "node3")
+    assert show_json(env, "car-7")["why"].endswith("no record: will be placed by hash")
+
+
+def test_binary_client_id_with_hex(env: Env) -> None:
+    cid = b"\x00\xffdev\x80"
+    assert cli(env, "pin", "--hex", cid.hex(), "node1", "--reason", "bin").returncode == 0
+    assert env.r.hget(P + b"pin:" + cid, "node") == b"node1"
+    env.r.hset(P + b"owner:" + cid, mapping={"node": "node2", "placed_at": 1, "by": "ha2"})
+    doc = show_json(env, "--hex", cid.hex())
+    assert doc["client_id_hex"] == cid.hex() and doc["client_id"] is None
+    assert doc["owner"]["node"] == "node2" and doc["pin"]["node"] == "node1"
+    res = cli(env, "show", "--hex", cid.hex())
+    assert res.returncode == 0 and cid.hex() in res.stdout
+    assert cli(env, "unpin", "--hex", cid.hex()).returncode == 0
+    assert not env.r.exists(P + b"pin:" + cid)
+    assert "hex" in one_line_error(cli(env, "show", "--hex", "zz"), 2)
+
+
+# --------------------------------------------------------------------------- node state and weight
+
+
+def _overrides(env: Env):  # what an agent would read, through the agent's own parser
+    return parse_overrides(
+        env.r.hgetall(P + b"node-state"), env.r.hgetall(P + b"node-weight"), env.r.hgetall(P + b"evacuate-rate")
+    )
+
+
+def test_node_state_commands_set_what_the_agent_reads(env: Env) -> None:
+    assert cli(env, "drain", "node2").returncode == 0
+    assert _overrides(env).states == {"node2": "drain"}
+    res = cli(env, "evacuate", "node2", "--rate", "7")
+    assert res.returncode == 0 and "was drain" in res.stdout
+    o = _overrides(env)
+    assert o.states == {"node2": "evacuate"} and o.rates == {"node2": 7}
+    # without --rate the configured default applies again
+    assert cli(env, "evacuate", "node2").returncode == 0
+    assert _overrides(env).rates == {}
+    assert cli(env, "maintenance", "node1").returncode == 0
+    assert cli(env, "activate", "node2").returncode == 0
+    assert _overrides(env).states == {"node1": "maintenance", "node2": "active"}
+
+    for cmd in (["drain", "node9"], ["evacuate", "node9"], ["activate", "node9"], ["maintenance", "node9"]):
+        assert "node9" in one_line_error(cli(env, *cmd), 1)
+    assert one_line_error(cli(env, "evacuate", "node1", "--rate", "0"), 2)
+    assert not env.r.hexists(P + b"node-state", "node9")
+
+
+def test_weight_set_and_reset(env: Env) -> None:
+    assert cli(env, "weight", "node2", "2.5").returncode == 0
+    assert _overrides(env).weights == {"node2": 2.5}
+    assert cli(env, "weight", "node2", "0").returncode == 0
+    assert _overrides(env).weights == {"node2": 0.0}
+    assert cli(env, "weight", "node2", "--reset").returncode == 0
+    assert not env.r.exists(P + b"node-weight")
+    one_line_error(cli(env, "weight", "node2", "-1"), 2)
+    one_line_error(cli(env, "weight", "node2"), 2)
+    one_line_error(cli(env, "weight", "node2", "1", "--reset"), 2)
+    one_line_error(cli(env, "weight", "node9", "1"), 1)
+    assert not env.r.exists(P + b"node-weight")
+
+
+def test_nodes_table_counts_live_sessions(env: Env) -> None:
+    now = time.time()
+    env.r.zadd(P + b"placed:node1", {"a": 1e18, "b": now + 600, "c": now + 120, "old1": now - 5, "old2": 1})
+    env.r.zadd(P + b"placed:node2", {"d": 1e18})
+    env.r.zadd(P + b"placed:ghost", {"e": 1e18})
+    env.r.hset(P + b"node-state", "node2", "drain")
+    env.r.hset(P + b"node-weight", "node1", "4")
+
+    rows = {r["node"]: r for r in json.loads(cli(env, "nodes", "--json").stdout)["nodes"]}
+    assert [rows[n]["sessions"] for n in ("node1", "node2", "node3", "ghost")] == [3, 1, 0, 1]
+    assert [rows[n]["health"] for n in ("node1", "node2", "node3")] == ["up", "up", "down"]
+    assert rows["node1"]["configured_weight"] == 2 and rows["node1"]["weight_override"] == 4
+    assert rows["node1"]["effective_weight"] == 4
+    assert rows["node2"]["state"] == "drain" and rows["node2"]["effective_weight"] == 0
+    assert rows["node3"]["effective_weight"] == 0  # down
+    assert rows["ghost"]["configured"] is False
+
+    res = cli(env, "nodes")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["NODE", "STATE", "WEIGHT", "OVERRIDE", "EFFECTIVE", "HEALTH", "SESSIONS"]
+    table = {ln.split()[0]: ln.split() for ln in lines[1:]}
+    assert table["node1"] == ["node1", "active", "2", "4", "4", "up", "3"]
+    assert table["node2"] == ["node2", "drain", "1", "-", "0", "up", "1"]
+    assert table["node3"] == ["node3", "active", "1", "-", "0", "down", "0"]
+    # the columns line up: every row has the SESSIONS cell at the header's column
+    col = lines[0].index("SESSIONS")
+    assert all(ln[col:].strip().isdigit() for ln in lines[1:4])
+
+    # --redis-url alone: nodes are what Redis names, and those are valid targets
+    url_only = ("--redis-url", env.redis.url)
+    rows = {r["node"]: r for r in json.loads(run("nodes", "--json", *url_only).stdout)["nodes"]}
+    assert set(rows) == {"node1", "node2", "ghost"} and rows["ghost"]["health"] == "unknown"
+    assert run("pin", "x", "ghost", *url_only).returncode == 0
+    one_line_error(run("pin", "x", "node3", *url_only), 2)
+    one_line_error(run("drain", "node3", *url_only), 1)
+
+
+def test_stats_with_and_without_agent_metrics(env: Env) -> None:
+    for i in range(4):
+        env.r.hset(P + b"owner:c%d" % i, "node", "node1")
+    env.r.hset(P + b"pin:c0", "node", "node2")
+    env.r.zadd(P + b"placed:node1", {f"c{i}": 1e18 for i in range(4)})
+    env.r.hset(P + b"node-state", "node3", "maintenance")
+
+    doc = json.loads(cli(env, "stats", "--json").stdout)
+    assert doc["records"] == 4 and doc["pins"] == 1 and doc["sessions_total"] == 4
+    assert doc["nodes"]["node1"] == {"state": "active", "sessions": 4}
+    assert doc["nodes"]["node3"]["state"] == "maintenance"
+    m = doc["agent_metrics"]
+    assert m["reachable"] is True
+    assert m["decisions"]["hit"] == 3 and m["decisions"]["assigned"] == 1
+    assert m["fallbacks"] == 1 and m["redis_up"] == 1
+
+    res = cli(env, "stats")
+    assert res.returncode == 0 and "decisions hit" in res.stdout
+
+    closed = f"http://127.0.0.1:{env.down_port}/metrics"
+    res = cli(env, "stats", "--metrics-url", closed)
+    assert res.returncode == 0, res.stderr
+    assert "agent metrics: unreachable" in res.stdout
+    assert json.loads(cli(env, "stats", "--json", "--metrics-url", closed).stdout)["agent_metrics"]["reachable"] is False
+
+
+# --------------------------------------------------------------------------- usage and failures
+
+
+def test_bad_usage_exits_2(env: Env) -> None:
+    one_line_error(cli(env, "pin", "only-a-client-id"), 2)
+    one_line_error(cli(env, "pin", "c", "node1", "--ttl", "0"), 2)
+    one_line_error(cli(env, "show", ""), 2)
+    line = one_line_error(run("nodes"), 2)  # no --config, no --redis-url, no env var
+    assert "--config" in line
+    bad = env.tmp / "bad.yaml"
+    bad.write_text("nodes: []\n")
+    assert "config error" in one_line_error(run("nodes", "--config", str(bad)), 2)
+    # the environment variable stands in for --config
+    res = run("nodes", "--json", env_vars={"MQTT_AFFINITY_CONFIG": str(env.config)})
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(res.stdout)["nodes"]) == 3
+
+
+def test_unreachable_redis_exits_1_without_leaking_the_password(env: Env) -> None:
+    port = free_port()
+    url = f"redis://admin:s3cret-pw@127.0.0.1:{port}/0"
+    for args in (["nodes"], ["show", "x"], ["pin", "x", "node1"], ["drain", "node1"]):
+        res = run(*args, "--redis-url", url)
+        line = one_line_error(res, 1)
+        assert line.startswith(f"mqtt-affinity: cannot reach Redis at redis://admin:***@127.0.0.1:{port}/0: ")
+        assert "s3cret" not in res.stderr + res.stdout
+    # the same through a config file's redis_url
+    cfg = env.tmp / "unreachable.yaml"
+    cfg.write_text(env.config.read_text().replace(env.redis.url, f"redis://:s3cret-pw@127.0.0.1:{port}/0"))
+    res = run("stats", "--config", str(cfg))
+    assert "cannot reach Redis at redis://:***@" in one_line_error(res, 1)
+    assert "s3cret" not in res.stderr + res.stdout
