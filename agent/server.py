@@ -110,7 +110,7 @@ class _SpopProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
-            events = self._conn.receive_data(bytes(self._view[:nbytes]))
+            events = self._conn.receive_data(self._view[:nbytes])
         except ProtocolError as exc:
             self._protocol_error(exc)
             return

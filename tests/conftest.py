@@ -195,3 +195,14 @@ def agent_factory(tmp_workdir) -> Iterator[Callable[..., AgentProcess]]:
     finally:
         for agent in started:
             agent.stop(timeout=10)
+
+
+# --------------------------------------------------------------------------- the whole product
+
+
+@pytest.fixture
+def stack(tmp_workdir, redis_server, brokers, haproxy_factory, agent_factory):
+    """Redis, three brokers, and two balancers (HAProxy + its own agent) sharing that Redis."""
+    from tests.support.stack import build_stack
+
+    return build_stack(tmp_workdir, redis_server, brokers, haproxy_factory, agent_factory)
