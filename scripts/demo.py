@@ -1,0 +1,556 @@
+#!/usr/bin/env python3
+"""A live demonstration of mqtt-affinity: `make demo`.
+
+Starts, on free ports of this machine: Redis, three mosquitto brokers (node1..node3) and two
+balancers, ha1 and ha2, each an HAProxy running the shipped haproxy/haproxy.cfg with its own
+mqtt-affinity agent; the agents share nothing but Redis. Then it walks through placement,
+a persistent session surviving a balancer switch, pins, draining and a broker failure,
+checking every claim against the HAProxy logs, Redis and the `mqtt-affinity` CLI.
+
+Exit status: 0 everything behaved as shown; 1 a step's expectation failed (the run's logs are
+kept under .demo/); 2 a required program is missing; 130/143 interrupted (SIGINT/SIGTERM).
+Everything it started is stopped on exit, on Ctrl-C and on SIGTERM.
+
+    .venv/bin/python scripts/demo.py [--haproxy 3.2|2.6|PATH] [--keep] [--no-failure]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+try:
+    import redis as redis_client
+
+    import demo_support as ds
+    from agent import placement
+except ImportError as exc:  # pragma: no cover - a machine without `make bootstrap`
+    print(f"demo: {exc}: run `make bootstrap` and start the demo with .venv/bin/python (or `make demo`)",
+          file=sys.stderr)
+    sys.exit(2)
+
+from demo_support import NODES, DemoError, Interrupted, Out, SetupError, expect, rel
+
+PREFIX = "mqtt-affinity:"  # the agents' default key_prefix
+CLIENTS = [  # (client id, MQTT protocol): all keep a session on the broker
+    ("sensor-01", "3.1.1"),
+    ("sensor-02", "5"),
+    ("sensor-03", "3.1.1"),
+    ("sensor-04", "5"),
+    ("sensor-05", "3.1.1"),
+    ("sensor-06", "5"),
+]
+INBOX = "inbox-reader"
+NEWCOMERS = [f"new-{i:02d}" for i in range(1, 13)]
+MAX_RUN_DIRS = 5
+
+
+class Demo:
+    def __init__(self, out: Out, haproxy_bin: str, haproxy_version: str, run_dir: Path, sock_dir: Path) -> None:
+        self.out = out
+        self.haproxy_bin = haproxy_bin
+        self.haproxy_version = haproxy_version
+        self.run_dir = run_dir
+        self.sock_dir = sock_dir
+        self.procs: list[ds.Proc] = []
+        self.redis: ds.Redis | None = None
+        self.brokers: list[ds.Broker] = []
+        self.balancers: list[ds.Balancer] = []
+        self.shown: list[str] = []
+        self._r: redis_client.Redis | None = None
+        self.session_present: bool | None = None  # of the last via()
+
+    # ------------------------------------------------------------------ stack
+
+    def start(self) -> None:
+        """Start every process on free ports; retried once by main() (a port can be taken in between)."""
+        ports = ds.free_ports(1 + 3 + 2 * 3)
+        self.redis = ds.start_redis(self.run_dir / "redis", ports[0], register=self.procs.append)
+        for i, name in enumerate(NODES):
+            b = ds.make_broker(name, self.run_dir / name, ports[1 + i])
+            self.procs.append(b.proc)
+            b.start()
+            self.brokers.append(b)
+        for i, name in enumerate(("ha1", "ha2")):
+            bal = ds.start_balancer(name, self.run_dir / name, haproxy_bin=self.haproxy_bin, redis=self.redis,
+                                    brokers=self.brokers, ports=ports[4 + 3 * i: 7 + 3 * i], sockdir=self.sock_dir,
+                                    register=self.procs.append)
+            self.balancers.append(bal)
+        for bal in self.balancers:
+            for node in NODES:
+                bal.wait_status("be_mqtt", node, "UP")
+            bal.wait_status("be_spoa", "spoa1", "UP")
+
+    def describe(self, seconds: float) -> None:
+        out = self.out
+        assert self.redis is not None
+        rows = [["redis", f"127.0.0.1:{self.redis.port}", "the shared placement store"]]
+        rows += [[b.name, b.addr, "mosquitto broker"] for b in self.brokers]
+        for bal in self.balancers:
+            rows.append([bal.name, f"127.0.0.1:{bal.mqtt_port}",
+                         f"HAProxy {self.haproxy_version} + its own agent (SPOP :{bal.spop_port}, "
+                         f"metrics :{bal.metrics_port})"])
+        out.table(["PROCESS", "LISTENS ON", "ROLE"], rows)
+        out.ok(f"both balancers see node1..node3 and their agent UP ({seconds:.1f}s); "
+               f"logs in {rel(self.run_dir)}/")
+
+    def stop(self) -> None:
+        # HAProxy first (no new connections), then the agents, brokers, Redis.
+        order = sorted(self.procs, key=lambda p: (0 if p.name.startswith("haproxy") else
+                                                  1 if p.name.startswith("agent") else
+                                                  3 if p.name == "redis" else 2))
+        ds.stop_all(order)
+        if self._r is not None:
+            try:
+                self._r.close()
+            except Exception:
+                pass
+
+    @property
+    def r(self) -> redis_client.Redis:
+        if self._r is None:
+            assert self.redis is not None
+            self._r = redis_client.Redis.from_url(self.redis.url, socket_timeout=2)
+        return self._r
+
+    def owner(self, cid: str) -> str | None:
+        node = self.r.hget(f"{PREFIX}owner:{cid}".encode(), "node")
+        return node.decode() if node else None
+
+    def broker(self, node: str) -> ds.Broker:
+        return self.brokers[NODES.index(node)]
+
+    @property
+    def ha1(self) -> ds.Balancer:
+        return self.balancers[0]
+
+    @property
+    def ha2(self) -> ds.Balancer:
+        return self.balancers[1]
+
+    # ------------------------------------------------------------------ helpers
+
+    def via(self, bal: ds.Balancer, cid: str, protocol: str) -> dict[str, str]:
+        """Connect ``cid`` through ``bal`` (keeping its session) and return HAProxy's log line for it."""
+        before = len(bal.lines_for(cid))
+        self.session_present = ds.connect_once(bal.mqtt_port, cid, protocol)
+        return bal.wait_line(cid, before)
+
+    def cli(self, *args: str, bal: ds.Balancer | None = None, status: int = 0) -> str:
+        """Run the real `mqtt-affinity` CLI against ``bal``'s agent config and print what it says."""
+        cfg = (bal or self.ha1).agent_config
+        argv = [ds.agent_command(), *args, "--config", str(cfg)]
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            raise DemoError(f"`mqtt-affinity {' '.join(args)}` did not finish within 20s") from None
+        self.out.command(f"mqtt-affinity {' '.join(args)} --config {rel(cfg)}", res.stdout + res.stderr)
+        if res.returncode != status:
+            raise DemoError(f"`mqtt-affinity {' '.join(args)}` exited with {res.returncode}, expected {status}:\n"
+                            f"{res.stdout}{res.stderr}")
+        return res.stdout
+
+    @staticmethod
+    def cell(line: dict[str, str]) -> str:
+        return f"{line['server']} ({line['how']})"
+
+    def wait_agents_state(self, node: str, state: str) -> float:
+        """Until every agent applies ``state`` to ``node``; returns the seconds it took.
+
+        Agents re-read node states from Redis every state_refresh (0.2 s here); their /metrics
+        gauge, refreshed every 2 s, shows what the agent decides with.
+        """
+        t0 = time.monotonic()
+        want = f'mqtt_affinity_node_state{{node="{node}",state="{state}"}} 1.0'
+
+        def applied(bal: ds.Balancer) -> bool:
+            try:
+                return want in bal.metrics()
+            except OSError:
+                return False
+
+        for bal in self.balancers:
+            ds.wait_until(lambda bal=bal: applied(bal), 10, f"agent {bal.name} to report {node} as {state}",
+                          interval=0.1)
+        return time.monotonic() - t0
+
+    # ------------------------------------------------------------------ 1. placement
+
+    def step_placement(self) -> None:
+        out = self.out
+        out.step(1, "Placement: two balancers, one answer",
+                 "Six clients that keep a session connect through ha1, then through ha2. The first agent to",
+                 "see a client picks a broker (weighted rendezvous hash) and records it in Redis; the other",
+                 "balancer's agent has never seen the client, yet reads the same record: how=hit.")
+        rows, bad = [], []
+        for cid, proto in CLIENTS:
+            a = self.via(self.ha1, cid, proto)
+            b = self.via(self.ha2, cid, proto)
+            owner = self.owner(cid)
+            agree = a["server"] == b["server"] == owner and a["node"] == a["server"] and b["node"] == b["server"]
+            rows.append([cid, ds.Client(cid, proto).label, self.cell(a), self.cell(b), owner or "-",
+                         out.tick if agree else out.cross])
+            if not (agree and a["how"] == "assigned" and b["how"] == "hit"):
+                bad.append(f"{cid}: ha1 {a['node']}/{a['server']} how={a['how']}, ha2 {b['node']}/{b['server']} "
+                           f"how={b['how']}, Redis owner {owner}")
+        out.table(["CLIENT", "SESSION", "VIA ha1", "VIA ha2", "REDIS OWNER", "AGREE"], rows)
+        spread = Counter(self.owner(cid) for cid, _ in CLIENTS)
+        out.info(out.dim("(from the HAProxy log lines: server = where HAProxy sent the connection, "
+                         "(how) = the agent's answer)"))
+        out.info("spread: " + ", ".join(f"{n} x{spread.get(n, 0)}" for n in NODES))
+        expect(not bad, "every client was assigned once via ha1 and found (hit) on the same broker via ha2",
+               out, lambda: "; ".join(bad))
+        self.shown.append("placement recorded in Redis: both balancers send each client to the same broker")
+
+    # ------------------------------------------------------------------ 2. persistent session
+
+    def step_session(self) -> None:
+        out = self.out
+        out.step(2, "A persistent session survives a balancer switch",
+                 f"{INBOX} (MQTT 5, session expiry {ds.SESSION_EXPIRY}s) subscribes at QoS 1 through ha1 and "
+                 "goes offline.",
+                 "Messages for it queue on its broker; it comes back through ha2 and must land on that same broker.")
+        topic = f"inbox/{INBOX}"
+        sub = ds.Client(INBOX, "5")
+        before = len(self.ha1.lines_for(INBOX))
+        sub.connect(self.ha1.mqtt_port)
+        sub.subscribe(topic)
+        sub.disconnect()
+        first = self.ha1.wait_line(INBOX, before)
+        owner = self.owner(INBOX)
+        out.info(f"via ha1: {INBOX} -> {self.cell(first)}, subscribed to {topic!r} (QoS 1), disconnected")
+        expect(owner is not None and first["server"] == owner, f"its session lives on {owner} (Redis owner = "
+               "HAProxy's server)", out, lambda: f"HAProxy sent it to {first['server']}, Redis says {owner}")
+
+        payloads = [f"reading {i} of 5 (queued while offline)".encode() for i in range(1, 6)]
+        ds.publish_direct(self.broker(owner).port, topic, payloads)
+        out.info(f"published 5 QoS 1 messages straight to {owner} (port {self.broker(owner).port}), "
+                 "bypassing the balancers")
+
+        before = len(self.ha2.lines_for(INBOX))
+        sub.connect(self.ha2.mqtt_port)
+        try:
+            got = sub.wait_messages(len(payloads), timeout=5)
+        finally:
+            sub.disconnect()
+        back = self.ha2.wait_line(INBOX, before)
+        out.info(f"via ha2: {INBOX} -> {self.cell(back)}, session present: {sub.session_present}")
+        for t, p in got:
+            out.info(f"  received on {t}: {p.decode(errors='replace')}")
+        expect(back["server"] == owner and back["how"] == "hit", f"ha2 sent it to {owner} too (how=hit)", out,
+               lambda: f"ha2 log: node={back['node']} how={back['how']} server={back['server']}")
+        expect(sub.session_present and sorted(p for _, p in got) == sorted(payloads),
+               "the broker kept its session: all 5 queued messages delivered", out,
+               lambda: f"session_present={sub.session_present}, received {len(got)}: {[p for _, p in got]}")
+        self.shown.append("a QoS 1 session and its queued messages survive reconnecting through the other balancer")
+
+    # ------------------------------------------------------------------ 3. pin
+
+    def step_pin(self) -> None:
+        out = self.out
+        cid, proto = CLIENTS[0]
+        owner = self.owner(cid)
+        target = next(n for n in NODES if n not in (owner, "node2"))  # node2 is drained in step 4
+        out.step(3, "Pin: an operator sends a client to a chosen broker",
+                 f"{cid} lives on {owner}. The operator pins it to {target} with the CLI; every agent reads pins",
+                 "on every decision, so the next CONNECT through either balancer goes there.")
+        self.cli("pin", cid, target, "--reason", "demo")
+        a = self.via(self.ha1, cid, proto)
+        fresh = self.session_present
+        b = self.via(self.ha2, cid, proto)
+        out.info(f"via ha1: {cid} -> {self.cell(a)}")
+        out.info(f"via ha2: {cid} -> {self.cell(b)}")
+        expect(all(x["server"] == x["node"] == target and x["how"] == "pinned" for x in (a, b)),
+               f"both balancers sent it to {target} (how=pinned)", out,
+               lambda: f"ha1: {a['node']}/{a['server']} how={a['how']}; ha2: {b['node']}/{b['server']} how={b['how']}")
+        expect(fresh is False, f"on {target} it got a new session (session present: no); the old one stays on {owner}",
+               out,
+               lambda: f"the first CONNACK from {target} said session present: {fresh}")
+        self.cli("show", cid)
+        self.cli("unpin", cid)
+        c = self.via(self.ha2, cid, proto)
+        out.info(f"after unpin, via ha2: {cid} -> {self.cell(c)}")
+        out.info(out.dim(f"(following the pin moved its record: its session now lives on {target}, "
+                         "so it stays there)"))
+        expect(c["server"] == target and c["how"] == "hit" and self.owner(cid) == target,
+               f"unpinned, it sticks to {target}, where its session now is (how=hit)", out,
+               lambda: f"ha2: {c['node']}/{c['server']} how={c['how']}, Redis owner {self.owner(cid)}")
+        self.shown.append("`mqtt-affinity pin` overrides placement on every balancer at once")
+
+    # ------------------------------------------------------------------ 4. drain
+
+    def step_drain(self) -> None:
+        out = self.out
+        drained = "node2"
+        known = [(cid, proto) for cid, proto in CLIENTS] + [(INBOX, "5")]
+        residents = [(cid, proto) for cid, proto in known if self.owner(cid) == drained]
+        extra = 7
+        while not residents and extra < 40:  # the fixed ids above put two clients on node2; be sure anyway
+            cid = f"sensor-{extra:02d}"
+            extra += 1
+            if self.via(self.ha1, cid, "3.1.1")["server"] == drained:
+                residents.append((cid, "3.1.1"))
+        if not residents:
+            raise DemoError(f"could not get any client placed on {drained} before draining it")
+        out.step(4, f"Drain {drained}: keep its clients, give it no new ones",
+                 "Draining is how a broker is emptied gently (before an upgrade): clients whose session is on it",
+                 "keep going there, new clients are placed on the other brokers.")
+        self.cli("drain", drained)
+        self.wait_agents_state(drained, "drain")
+        out.info(out.dim(f"(both agents' /metrics now show {drained} as drain: they re-read node states every 0.2 s)"))
+        rows, bad = [], []
+        for cid, proto in residents:
+            a = self.via(self.ha1, cid, proto)
+            b = self.via(self.ha2, cid, proto)
+            rows.append([cid, self.cell(a), self.cell(b)])
+            if not all(x["server"] == drained and x["how"] == "hit" for x in (a, b)):
+                bad.append(f"{cid}: ha1 {a['server']} how={a['how']}, ha2 {b['server']} how={b['how']}")
+        out.info(f"clients of {drained} reconnect:")
+        out.table(["CLIENT", "VIA ha1", "VIA ha2"], rows)
+        expect(not bad, f"they stay on {drained} (how=hit)", out, lambda: "; ".join(bad))
+
+        landed: dict[str, str] = {}
+        wrong = []
+        for i, cid in enumerate(NEWCOMERS):
+            bal = self.balancers[i % 2]
+            line = self.via(bal, cid, "3.1.1" if i % 2 else "5")
+            landed[cid] = line["server"]
+            if line["server"] == drained or line["how"] != "assigned":
+                wrong.append(f"{cid} via {bal.name}: {line['server']} how={line['how']}")
+        spread = Counter(landed.values())
+        # What the agents would have picked with node2 active (the same HRW, all weights 1).
+        would = [cid for cid in NEWCOMERS
+                 if placement.choose(cid.encode(), [(n, 1.0) for n in NODES]) == drained]
+        out.info(f"{len(NEWCOMERS)} new clients ({NEWCOMERS[0]}..{NEWCOMERS[-1]}, alternating ha1/ha2): "
+                 + ", ".join(f"{n} x{spread.get(n, 0)}" for n in NODES))
+        if would:
+            out.info(out.dim(f"(with {drained} active, {len(would)} of them would have gone to {drained}: "
+                             f"{', '.join(would)})"))
+        expect(not wrong, f"no new client landed on {drained}", out, lambda: "; ".join(wrong))
+        self.cli("nodes")
+        self.cli("activate", drained)
+        self.wait_agents_state(drained, "active")
+        self.shown.append("`mqtt-affinity drain` keeps a broker's clients and sends new ones elsewhere")
+
+    # ------------------------------------------------------------------ 5. broker failure
+
+    def step_failure(self) -> str:
+        out = self.out
+        cid, proto = INBOX, "5"
+        old = self.owner(cid)
+        assert old is not None
+        broker = self.broker(old)
+        out.step(5, "Broker failure: the owner dies",
+                 f"{cid} lives on {old}. Its broker is killed (SIGKILL). Each agent's health check notices;",
+                 "the next CONNECT, through either balancer, moves the client once and both follow the new record.")
+        pid = broker.proc.pid
+        broker.proc.kill()
+        out.info(f"killed mosquitto {old} (pid {pid})")
+        t0 = time.monotonic()
+        for bal in self.balancers:
+            ds.wait_until(lambda bal=bal: bal.agent_says(f"node {old} is down"), 5,
+                          f"agent {bal.name} to notice that {old} is down",
+                          detail=lambda bal=bal: ds.tail(bal.agent.log))
+        seen_agents = time.monotonic() - t0
+        for bal in self.balancers:
+            bal.wait_status("be_mqtt", old, "DOWN", timeout=8)
+        out.info(f"both agents saw it down after {seen_agents:.1f}s, both HAProxy after "
+                 f"{time.monotonic() - t0:.1f}s")
+        client = ds.Client(cid, proto)
+        before = len(self.ha2.lines_for(cid))
+        client.connect(self.ha2.mqtt_port)
+        client.disconnect()
+        moved = self.ha2.wait_line(cid, before)
+        new = self.owner(cid)
+        out.info(f"via ha2: {cid} -> {self.cell(moved)}")
+        expect(moved["how"] == "moved" and moved["server"] == moved["node"] == new and new not in (None, old),
+               f"re-placed once on a healthy broker, {new} (how=moved), and recorded in Redis", out,
+               lambda: f"ha2: node={moved['node']} server={moved['server']} how={moved['how']}, Redis owner {new}")
+        again = self.via(self.ha1, cid, proto)
+        out.info(f"via ha1: {cid} -> {self.cell(again)}")
+        expect(again["how"] == "hit" and again["server"] == new, f"ha1 follows the new owner {new} (how=hit)", out,
+               lambda: f"ha1: node={again['node']} server={again['server']} how={again['how']}")
+        expect(client.session_present is False, f"its session did not survive: it started afresh on {new}", out,
+               lambda: f"session present: {client.session_present}")
+        out.info(out.dim(f"(mosquitto keeps sessions in memory and brokers share none: what was queued on {old} "
+                         "is gone;"))
+        out.info(out.dim(" mqtt-affinity keeps the client on one broker, it does not copy sessions between them)"))
+        self.shown.append("a dead broker's clients move once, and every balancer follows the move")
+        return old
+
+    # ------------------------------------------------------------------ --keep
+
+    def keep(self, killed: str | None) -> None:
+        out = self.out
+        if killed is not None:
+            b = self.broker(killed)
+            b.start()
+            for bal in self.balancers:
+                bal.wait_status("be_mqtt", killed, "UP", timeout=10)
+            out.info(f"restarted {killed} (mosquitto pid {b.proc.pid}) so the cluster is whole again")
+        out.print()
+        out.print(out.bold("The stack keeps running until Ctrl-C."))
+        rows = [[bal.name, f"127.0.0.1:{bal.mqtt_port}", f"http://127.0.0.1:{bal.metrics_port}/metrics",
+                 rel(bal.haproxy.log)] for bal in self.balancers]
+        out.table(["BALANCER", "MQTT", "AGENT METRICS", "HAPROXY LOG"], rows)
+        out.info("brokers: " + ", ".join(f"{b.name} 127.0.0.1:{b.port}" for b in self.brokers)
+                 + f"; redis {self.redis.url if self.redis else '-'}")
+        out.print()
+        cli = f"{rel(ds.agent_command())} {{}} --config {rel(self.ha1.agent_config)}"
+        ports = ", ".join(f"{b.name} {b.port}" for b in self.brokers)
+        out.info("Try it (mosquitto_sub/_pub come with the Debian package mosquitto-clients):")
+        out.info(f"  mosquitto_sub -h 127.0.0.1 -p {self.ha1.mqtt_port} -i my-client -c -q 1 -t 'demo/#' -v"
+                 "    # via ha1, keeps a session")
+        out.info("  " + cli.format("show my-client") + "    # which broker owns it")
+        out.info(f"  mosquitto_pub -h 127.0.0.1 -p <that broker's port: {ports}> -q 1 -t demo/hello -m hi")
+        out.info(out.dim("    (publish on the owner broker: the brokers are independent, not bridged)"))
+        out.info(f"  mosquitto_sub -h 127.0.0.1 -p {self.ha2.mqtt_port} -i my-client -c -q 1 -t 'demo/#' -v"
+                 "    # via ha2: the same broker")
+        out.info("  " + cli.format("nodes"))
+        out.info(f"  tail -f {rel(self.ha1.haproxy.log)}")
+        while True:
+            time.sleep(1)
+            dead = [p for p in self.procs if p.popen is not None and not p.alive]
+            if dead:
+                for p in dead:
+                    out.info(out.yellow(f"{p.name} exited (status {p.popen.returncode}); log {rel(p.log)}"))
+                    self.procs.remove(p)
+
+
+# ---------------------------------------------------------------------- run directory
+
+
+def make_run_dir() -> Path:
+    base = ds.REPO_ROOT / ".demo"
+    base.mkdir(exist_ok=True)
+    # Keep the newest few runs (failed runs keep their logs); never touch a running demo's.
+    old = sorted((p for p in base.glob("run-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for p in old[: max(0, len(old) - (MAX_RUN_DIRS - 1))]:
+        try:
+            pid = int((p / "pid").read_text())
+            os.kill(pid, 0)
+            continue  # still running
+        except (OSError, ValueError):
+            shutil.rmtree(p, ignore_errors=True)
+    run_dir = base / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir.mkdir()
+    (run_dir / "pid").write_text(str(os.getpid()))
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="demo.py", description="Live demonstration of mqtt-affinity: Redis, three mosquitto brokers and "
+        "two HAProxy balancers with their agents, on free ports of this machine.")
+    parser.add_argument("--haproxy", metavar="VERSION|PATH", default=None,
+                        help="3.2 (.haproxy/3.2/haproxy), 2.6 (/usr/sbin/haproxy) or a binary; "
+                             "default: 3.2 if bootstrapped, else 2.6")
+    parser.add_argument("--keep", action="store_true",
+                        help="after the scenario, leave the stack running and print how to connect, until Ctrl-C")
+    parser.add_argument("--no-failure", action="store_true", help="skip step 5 (killing a broker)")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="colours (default: only when stdout is a terminal)")
+    args = parser.parse_args(argv)
+    out = Out({"auto": None, "always": True, "never": False}[args.color])
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    started = time.monotonic()
+    demo: Demo | None = None
+    run_dir: Path | None = None
+    tmp_sock: Path | None = None
+    status = 1
+    interrupted = False
+    try:
+        haproxy_bin, version = ds.choose_haproxy(args.haproxy)
+        for binary, package in (("redis-server", "redis-server"), ("mosquitto", "mosquitto")):
+            ds.find_binary(binary, package)
+        ds.agent_command()
+        run_dir = make_run_dir()
+        sock_dir = run_dir
+        if len(str(run_dir / "ha1.sock")) > 100:  # AF_UNIX paths are limited to ~108 bytes
+            tmp_sock = Path(tempfile.mkdtemp(prefix="mqtt-affinity-demo-"))
+            sock_dir = tmp_sock
+        out.title("mqtt-affinity demo: sticky MQTT sessions across HAProxy balancers")
+        out.info(f"HAProxy {version} ({rel(haproxy_bin)}), the shipped {rel(ds.HAPROXY_CFG)} "
+                 f"and {rel(ds.SPOE_CONF)}")
+        out.step(0, "Bringing up the stack",
+                 "Every process below is started by this script on a free port and stopped when it ends.")
+        t0 = time.monotonic()
+        for attempt in (1, 2):
+            demo = Demo(out, haproxy_bin, version, run_dir, sock_dir)
+            try:
+                demo.start()
+                break
+            except DemoError as exc:
+                if attempt == 2:
+                    raise
+                # Most likely a port that another program took between our choice and the bind.
+                out.info(out.yellow(f"start-up failed, retrying once on new ports: {str(exc).splitlines()[0]}"))
+                demo.stop()
+                for child in run_dir.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child, ignore_errors=True)
+        demo.describe(time.monotonic() - t0)
+        demo.step_placement()
+        demo.step_session()
+        demo.step_pin()
+        demo.step_drain()
+        killed = None if args.no_failure else demo.step_failure()
+
+        out.print()
+        out.print(out.bold(out.green(f"All steps behaved as described ({time.monotonic() - started:.1f}s):")))
+        for line in demo.shown:
+            out.ok(line)
+        status = 0
+        if args.keep:
+            demo.keep(killed)
+    except DemoError as exc:
+        out.print()
+        out.print(out.red(out.bold("DEMO FAILED: ")) + str(exc))
+        status = 1
+    except SetupError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        status = 2
+    except (Interrupted, KeyboardInterrupt) as exc:
+        out.print()
+        name = str(exc) or "SIGINT"
+        if status == 0:  # --keep ends with Ctrl-C: that is success
+            out.info(f"stopping ({name})")
+        else:
+            out.print(out.yellow(f"interrupted ({name})"))
+            status = 128 + (signal.SIGTERM if name == "SIGTERM" else signal.SIGINT)
+            interrupted = True
+    finally:
+        # A second Ctrl-C must not cut the teardown short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if demo is not None:
+            demo.stop()
+            out.print(out.dim(f"Stopped the {len(demo.procs)} processes this demo started."))
+        if tmp_sock is not None:
+            shutil.rmtree(tmp_sock, ignore_errors=True)
+        if run_dir is not None:
+            if status == 0 or interrupted:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                out.print(f"Logs of this run are kept in {rel(run_dir)}/ (haproxy.log, agent.log, broker.log, ...)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
