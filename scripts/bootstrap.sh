@@ -53,14 +53,17 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]] || ! .venv/bin/python -c '
 fi
 
 # --- HAProxy 3.2 (next to the system's 2.6, never installed system-wide) ------
-if [[ $(id -u) -ne 0 ]] && ! .haproxy/3.2/haproxy -v 2>/dev/null | grep -q 'version 3\.2\.'; then
+ha32="$(.haproxy/3.2/haproxy -v 2>/dev/null || true)"
+if [[ $(id -u) -ne 0 ]] && [[ "$ha32" != *"version 3.2."* ]]; then
     echo "HAProxy 3.2 missing. Run as root:  $REPO_ROOT/scripts/fetch-haproxy32.sh" >&2
     exit 1
 fi
 bash scripts/fetch-haproxy32.sh
 
 # Fail early and clearly if the system haproxy is not the 2.6 the tests pin.
-if ! /usr/sbin/haproxy -v | head -n1 | grep -q 'version 2\.6\.'; then
-    log "WARNING: /usr/sbin/haproxy is not 2.6: $(/usr/sbin/haproxy -v | head -n1) (set HAPROXY26_BIN to a 2.6 binary)"
+ha26="$(/usr/sbin/haproxy -v 2>/dev/null || true)"
+ha26="${ha26%%$'\n'*}"  # first line, without a SIGPIPE-prone `| head` under pipefail
+if [[ "$ha26" != *"version 2.6."* ]]; then
+    log "WARNING: /usr/sbin/haproxy is not 2.6: $ha26 (set HAPROXY26_BIN to a 2.6 binary)"
 fi
 log "ready"

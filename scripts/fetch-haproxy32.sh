@@ -16,8 +16,11 @@ WRAPPER="$DEST/haproxy"
 log() { printf 'fetch-haproxy32: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-if [[ -x "$WRAPPER" ]] && "$WRAPPER" -v 2>/dev/null | head -n1 | grep -q "version ${WANT_MAJOR}\."; then
-    log "present: $("$WRAPPER" -v | head -n1)"
+# Pipelines below never stop reading early (no `head`, `grep -q` or awk `exit`): under
+# `set -o pipefail` the writer's SIGPIPE would abort the script without a message.
+first_line() { local out; out="$("$@" 2>/dev/null || true)"; printf '%s\n' "${out%%$'\n'*}"; }
+if [[ -x "$WRAPPER" ]] && [[ "$(first_line "$WRAPPER" -v)" == *"version ${WANT_MAJOR}."* ]]; then
+    log "present: $(first_line "$WRAPPER" -v)"
     exit 0
 fi
 
@@ -84,7 +87,7 @@ APT_CACHE=(apt-cache
 log "apt-get update (sid, private lists)"
 "${APT[@]}" update >"$work/update.log" 2>&1 || { cat "$work/update.log" >&2; die "apt-get update for sid failed"; }
 
-found="$("${APT_CACHE[@]}" show --no-all-versions haproxy 2>/dev/null | awk '/^Version:/ {print $2; exit}')"
+found="$("${APT_CACHE[@]}" show --no-all-versions haproxy 2>/dev/null | awk '/^Version:/ && !v {v=$2} END {print v}')"
 [[ -n "$found" ]] || die "sid has no haproxy package"
 upstream="${found#*:}"; upstream="${upstream%%-*}"
 case "$upstream" in
@@ -157,5 +160,5 @@ if [[ -n "$outside" || -n "$missing" ]]; then
     rm -f "$WRAPPER"
     die "libraries resolve outside $R or are missing: ${outside}${missing}"
 fi
-"$WRAPPER" -v | head -n1 | grep -q "version ${WANT_MAJOR}\." || { rm -f "$WRAPPER"; die "wrapper does not report ${WANT_MAJOR}"; }
-log "installed: $("$WRAPPER" -v | head -n1) -> $WRAPPER"
+[[ "$(first_line "$WRAPPER" -v)" == *"version ${WANT_MAJOR}."* ]] || { rm -f "$WRAPPER"; die "wrapper does not report ${WANT_MAJOR}"; }
+log "installed: $(first_line "$WRAPPER" -v) -> $WRAPPER"
