@@ -1,0 +1,129 @@
+-- mqtt-affinity: one atomic placement decision for one MQTT CONNECT.
+--
+-- Why a script: two balancers deciding the same client id at the same moment must agree,
+-- and a read-then-write from the agent would race. Inside the script the read, the rules
+-- and the write are one step, so the second agent always sees the first agent's record.
+--
+-- KEYS[1]  <P>owner:<cid>   HASH {node, placed_at, by}
+-- KEYS[2]  <P>pin:<cid>     HASH {node, reason, created_at}
+-- ARGV[1]  P (key prefix)   ARGV[2] cid (raw bytes)
+-- ARGV[3]  mode: "p" persistent | "c" clean
+-- ARGV[4]  HRW candidate over the placeable nodes ("" = none)
+-- ARGV[5]  record TTL in seconds (0 = never expires)
+-- ARGV[6]  now (unix seconds, integer)
+-- ARGV[7]  by (balancer label or agent id)
+-- ARGV[8]  n = number of usable nodes, then n node names
+-- then     m = number of evacuating nodes, then m pairs (node, moves per second)
+--
+-- The placed:<node> and evac:<node>:<second> keys are derived from P inside the script,
+-- so this is for a single (non-cluster) Redis, which is what the agent supports.
+--
+-- Returns {node, how, previous, pin_ignored}; "" stands for none.
+-- how: hit | assigned | moved | pinned | none
+
+local owner_key = KEYS[1]
+local pin_key = KEYS[2]
+local prefix = ARGV[1]
+local cid = ARGV[2]
+local persistent = ARGV[3] == 'p'
+local cand = ARGV[4]
+local ttl = tonumber(ARGV[5])
+local now = tonumber(ARGV[6])
+local by = ARGV[7]
+
+local usable = {}
+local i = 8
+local n = tonumber(ARGV[i])
+for j = 1, n do usable[ARGV[i + j]] = true end
+i = i + n + 1
+local evac = {}
+local m = tonumber(ARGV[i])
+for j = 1, m do
+  evac[ARGV[i + 2 * j - 1]] = tonumber(ARGV[i + 2 * j])
+end
+
+-- ZSET score for "never expires": far beyond any unix time, still exact in a double.
+local NO_EXPIRY = 1e18
+local expiry = NO_EXPIRY
+if ttl > 0 then expiry = now + ttl end
+
+local function placed_key(node) return prefix .. 'placed:' .. node end
+
+local function set_ttl()
+  if ttl > 0 then
+    redis.call('EXPIRE', owner_key, ttl)
+  else
+    redis.call('PERSIST', owner_key)
+  end
+end
+
+-- Write the record for node; previous (may be false/"") loses the placed-set entry.
+local function place(node, previous)
+  redis.call('HSET', owner_key, 'node', node, 'placed_at', now, 'by', by)
+  set_ttl()
+  if previous and previous ~= '' and previous ~= node then
+    redis.call('ZREM', placed_key(previous), cid)
+  end
+  redis.call('ZADD', placed_key(node), expiry, cid)
+end
+
+local function refresh(node)
+  set_ttl()
+  redis.call('ZADD', placed_key(node), expiry, cid)
+end
+
+local owner = redis.call('HGET', owner_key, 'node')
+if not owner then owner = '' end
+
+-- 1. Pin.
+local pin_ignored = ''
+local pin = redis.call('HGET', pin_key, 'node')
+if pin then
+  if usable[pin] then
+    if persistent then
+      if owner ~= pin then place(pin, owner) else refresh(pin) end
+    end
+    local prev = ''
+    if owner ~= pin then prev = owner end
+    return {pin, 'pinned', prev, ''}
+  end
+  pin_ignored = pin
+end
+
+-- 2. Existing owner.
+if owner ~= '' then
+  if usable[owner] then
+    local rate = evac[owner]
+    if rate ~= nil and cand ~= '' and cand ~= owner then
+      if not persistent then
+        -- No session to carry over: a clean client simply leaves, without using the budget.
+        return {cand, 'moved', owner, pin_ignored}
+      end
+      local bucket = prefix .. 'evac:' .. owner .. ':' .. string.format('%d', now)
+      local used = redis.call('INCR', bucket)
+      if used == 1 then redis.call('EXPIRE', bucket, 2) end
+      if used <= rate then
+        place(cand, owner)
+        return {cand, 'moved', owner, pin_ignored}
+      end
+    end
+    if persistent then refresh(owner) end
+    return {owner, 'hit', '', pin_ignored}
+  end
+  -- Owner is down, in maintenance or no longer configured.
+  if cand ~= '' and cand ~= owner then
+    if persistent then place(cand, owner) end
+    return {cand, 'moved', owner, pin_ignored}
+  end
+  return {'', 'none', owner, pin_ignored}
+end
+
+-- 3. No record.
+if cand == '' then
+  return {'', 'none', '', pin_ignored}
+end
+if persistent then
+  place(cand, false)
+  return {cand, 'assigned', '', pin_ignored}
+end
+return {cand, 'none', '', pin_ignored}

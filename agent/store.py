@@ -1,0 +1,298 @@
+"""The shared placement record in Redis: one atomic round trip per decision.
+
+Every HAProxy balancer runs its own agent; Redis is where they agree. The decision itself is
+the Lua script ``agent/lua/decide.lua`` (run with EVALSHA, re-loaded on NOSCRIPT), so the
+read, the rules and the write happen as one step and two agents racing on the same client
+converge: the second one sees the first one's write.
+
+Key layout
+==========
+
+``P`` is ``config.key_prefix`` (default ``mqtt-affinity:``). ``<cid>`` is the client id's raw
+bytes, unescaped: Redis keys are binary safe, and the fixed text between ``P`` and ``<cid>``
+differs per key kind (``owner:`` vs ``pin:``), so no client id can reach another client's
+key or another kind of key. Operators read and write these with redis-cli.
+
+``P owner:<cid>``  HASH ``{node, placed_at, by}``
+    Where the client's session lives. ``placed_at`` is unix seconds, ``by`` the balancer
+    label (or agent id) that placed it. TTL = the record TTL (max(session_ttl, MQTT 5 session
+    expiry)), refreshed on every persistent CONNECT; no TTL when the client asked for a
+    session that never expires. Clean-session clients never create or refresh it.
+``P pin:<cid>``  HASH ``{node, reason, created_at}``
+    Operator override: the client goes to ``node`` while that node is usable. Optional
+    EXPIRE set by the operator. A pin to an unusable node is ignored (and reported).
+``P node-state``  HASH ``node -> active|drain|evacuate|maintenance``  (missing = active)
+    drain: keeps its clients, gets no new ones. evacuate: as drain, and its clients are
+    moved away as they reconnect, at most ``evacuate-rate`` per second across all agents.
+    maintenance: gets nobody; its clients are moved on their next CONNECT.
+``P node-weight``  HASH ``node -> weight``  (missing = configured weight; 0 = no new clients)
+``P evacuate-rate``  HASH ``node -> moves per second``  (missing = config.evacuate_rate)
+``P placed:<node>``  ZSET ``member <cid>, score = record expiry (unix seconds; 1e18 = never)``
+    Maintained by the script on assign/refresh/move (ZREM from the old node on a move), so
+    sessions per node are ``ZCOUNT P placed:<node> (<now> +inf`` and evacuation can enumerate.
+    Members past their expiry are trimmed periodically by the engine (``trim_placed``).
+``P evac:<node>:<unix second>``  STRING counter (INCR, EXPIRE 2)
+    The evacuation budget for one second, shared by every agent.
+
+The script derives ``placed:`` and ``evac:`` key names from ``P`` itself, so it needs a single
+Redis (or a primary with replicas), not Redis Cluster.
+
+Operator examples::
+
+    redis-cli HGETALL 'mqtt-affinity:owner:sensor-17'
+    redis-cli HSET mqtt-affinity:node-state broker-2 drain
+    redis-cli HSET 'mqtt-affinity:pin:sensor-17' node broker-3 reason debug created_at 1700000000
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
+
+if TYPE_CHECKING:
+    from agent.config import Config
+
+__all__ = [
+    "Store",
+    "StoreDecision",
+    "NodeOverrides",
+    "NODE_STATES",
+    "NO_EXPIRY_SCORE",
+    "owner_key",
+    "pin_key",
+    "placed_key",
+    "load_script",
+]
+
+NODE_STATES = frozenset({"active", "drain", "evacuate", "maintenance"})
+#: ZSET score used in ``placed:<node>`` for records that never expire.
+NO_EXPIRY_SCORE = 1e18
+_HOWS = frozenset({"hit", "assigned", "moved", "pinned", "none"})
+
+
+def owner_key(prefix: str, cid: bytes) -> bytes:
+    return prefix.encode("utf-8") + b"owner:" + cid
+
+
+def pin_key(prefix: str, cid: bytes) -> bytes:
+    return prefix.encode("utf-8") + b"pin:" + cid
+
+
+def placed_key(prefix: str, node: str) -> bytes:
+    return prefix.encode("utf-8") + b"placed:" + node.encode("utf-8")
+
+
+def load_script(name: str = "decide.lua") -> str:
+    """Lua source shipped as package data (``agent/lua/*.lua``)."""
+    return resources.files("agent").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreDecision:
+    node: str | None
+    how: str
+    previous: str | None = None
+    pin_ignored: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeOverrides:
+    """Operator overrides read from Redis; invalid entries are dropped, not fatal."""
+
+    states: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    rates: dict[str, int] = field(default_factory=dict)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _opt(value: Any) -> str | None:
+    s = _text(value) if value is not None else ""
+    return s or None
+
+
+def parse_overrides(
+    states: Mapping[Any, Any], weights: Mapping[Any, Any], rates: Mapping[Any, Any]
+) -> NodeOverrides:
+    """Raw HGETALL replies -> NodeOverrides. Pure, so the validation rules are unit-testable."""
+    out_states: dict[str, str] = {}
+    for k, v in states.items():
+        s = _text(v).strip().lower()
+        if s in NODE_STATES:
+            out_states[_text(k)] = s
+    out_weights: dict[str, float] = {}
+    for k, v in weights.items():
+        try:
+            w = float(_text(v).strip())
+        except ValueError:
+            continue
+        if math.isfinite(w) and w >= 0:
+            out_weights[_text(k)] = w
+    out_rates: dict[str, int] = {}
+    for k, v in rates.items():
+        try:
+            r = int(float(_text(v).strip()))
+        except (ValueError, OverflowError):
+            continue
+        if r >= 0:
+            out_rates[_text(k)] = r
+    return NodeOverrides(out_states, out_weights, out_rates)
+
+
+class Store:
+    """Async Redis access for the agent. Errors propagate: the engine owns fallback policy."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "mqtt-affinity:",
+        timeout: float = 0.05,
+        pool_size: int = 32,
+        health_check_interval: float = 5.0,
+        connect_timeout: float | None = None,
+    ) -> None:
+        self.prefix = key_prefix
+        self._prefix_b = key_prefix.encode("utf-8")
+        # BlockingConnectionPool: the plain pool raises MaxConnectionsError past its size under
+        # load; here excess callers queue (bounded by the engine's overall timeout).
+        # No retries: a retry would only spend the caller's 50 ms budget; the engine falls back.
+        # Socket timeouts are a floor above the per-call budget: the engine's asyncio.timeout is
+        # the real limit, these only stop a wedged socket from living forever.
+        sock_timeout = max(timeout * 4, 0.25)
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            timeout=max(timeout * 4, 0.25),
+            socket_timeout=sock_timeout,
+            socket_connect_timeout=connect_timeout if connect_timeout is not None else sock_timeout,
+            health_check_interval=health_check_interval,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+            # Off: with "auto" every new connection spends a round trip on CLIENT
+            # MAINT_NOTIFICATIONS, which plain Redis answers with an error.
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        )
+        self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._decide = self._redis.register_script(load_script("decide.lua"))
+        # A FIFO gate in front of the pool: redis-py's BlockingConnectionPool waits on an
+        # asyncio.Condition, which is unfair: a task that just released a connection takes it
+        # straight back, and under a sustained burst the woken waiters starve past their
+        # deadline (measured: 32 of 64 tight-looping callers stalled > 1 s). With at most
+        # pool_size callers inside, the pool never has to make anyone wait.
+        self._gate = asyncio.Semaphore(pool_size)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Store:
+        return cls(
+            config.redis_url,
+            key_prefix=config.key_prefix,
+            timeout=config.redis_timeout,
+            pool_size=config.redis_pool_size,
+        )
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The underlying client, for tests and admin tooling."""
+        return self._redis
+
+    async def decide(
+        self,
+        cid: bytes,
+        *,
+        persistent: bool,
+        candidate: str | None,
+        ttl: int | None,
+        now: int,
+        usable: Iterable[str],
+        evacuating: Mapping[str, int] | None = None,
+        by: str = "",
+    ) -> StoreDecision:
+        """Run decide.lua for one client. ``ttl`` None or 0 = the record never expires."""
+        usable_list = sorted(set(usable))
+        evac = evacuating or {}
+        args: list[bytes | str | int] = [
+            self._prefix_b,
+            cid,
+            "p" if persistent else "c",
+            candidate or "",
+            int(ttl) if ttl else 0,
+            int(now),
+            by,
+            len(usable_list),
+            *usable_list,
+            len(evac),
+        ]
+        for node, rate in sorted(evac.items()):
+            args.append(node)
+            args.append(max(0, int(rate)))
+        async with self._gate:
+            raw = await self._decide(
+                keys=[self._prefix_b + b"owner:" + cid, self._prefix_b + b"pin:" + cid], args=args
+            )
+        node, how, previous, pin_ignored = (_text(x) for x in raw)
+        if how not in _HOWS:
+            raise ValueError(f"decide.lua returned unknown how {how!r}")
+        return StoreDecision(node or None, how, previous or None, pin_ignored or None)
+
+    async def load_node_overrides(self) -> NodeOverrides:
+        """node-state, node-weight and evacuate-rate in one round trip."""
+        async with self._gate, self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._prefix_b + b"node-state")
+            pipe.hgetall(self._prefix_b + b"node-weight")
+            pipe.hgetall(self._prefix_b + b"evacuate-rate")
+            states, weights, rates = await pipe.execute()
+        return parse_overrides(states, weights, rates)
+
+    async def trim_placed(self, nodes: Iterable[str], now: float) -> int:
+        """Drop expired members from each ``placed:<node>``; returns how many went."""
+        names = sorted(set(nodes))
+        if not names:
+            return 0
+        async with self._gate, self._redis.pipeline(transaction=False) as pipe:
+            for node in names:
+                pipe.zremrangebyscore(self._prefix_b + b"placed:" + node.encode("utf-8"), "-inf", f"({now}")
+            removed = await pipe.execute()
+        return sum(int(r) for r in removed)
+
+    async def placed_counts(self, nodes: Iterable[str], now: float) -> dict[str, int]:
+        """Sessions currently placed per node (records not yet expired), in one round trip."""
+        names = sorted(set(nodes))
+        if not names:
+            return {}
+        async with self._gate, self._redis.pipeline(transaction=False) as pipe:
+            for node in names:
+                pipe.zcount(self._prefix_b + b"placed:" + node.encode("utf-8"), f"({now}", "+inf")
+            counts = await pipe.execute()
+        return {node: int(c) for node, c in zip(names, counts)}
+
+    async def ping(self) -> None:
+        """Raises unless Redis answers; also makes sure the script is loaded after a restart."""
+        async with self._gate:
+            await self._redis.ping()
+            if not (await self._redis.script_exists(self._decide.sha))[0]:
+                self._decide.sha = await self._redis.script_load(self._decide.script)
+
+    async def reset_connections(self) -> None:
+        """Close the idle pooled connections: after an outage they are dead sockets.
+
+        Connections in use are left alone; if they are dead too, their command fails and
+        redis-py disconnects them.
+        """
+        await self._pool.disconnect(inuse_connections=False)
+
+    async def close(self) -> None:
+        await self._redis.aclose(close_connection_pool=True)
