@@ -140,6 +140,10 @@ def eligibility(
     )
 
 
+#: Decision.error when the breaker is open (Redis known to be down: not even tried).
+REDIS_UNAVAILABLE = "redis unavailable"
+
+
 def is_outage(exc: BaseException) -> bool:
     """Errors that mean "Redis is not answering", as opposed to a bad reply."""
     return isinstance(
@@ -176,6 +180,8 @@ class AffinityEngine:
         self._healthy = healthy
         self._clock = clock
         self.agent_id = agent_id or f"{socket.gethostname()}:{os.getpid()}"
+        # Optional hook (seconds per Redis decision round trip), bound by the app to a histogram.
+        self.observe_redis: Callable[[float], None] | None = None
         self._trim_interval = trim_interval
         self._overrides = NodeOverrides()
         self._available = True
@@ -297,9 +303,10 @@ class AffinityEngine:
             return Decision(None, "none")
         elig = self.eligibility()
         if not self._available:
-            return self._fallback(cid, elig, "redis unavailable")
+            return self._fallback(cid, elig, REDIS_UNAVAILABLE)
         candidate = placement.choose(cid, elig.placeable)
         ttl = req.record_ttl(self._config.session_ttl) if req.persistent else None
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._config.redis_timeout):
                 d = await self._store.decide(
@@ -316,6 +323,8 @@ class AffinityEngine:
             self._on_error(exc, "decide")
             return self._fallback(cid, elig, _describe(exc))
         self._timeouts_in_row = 0
+        if self.observe_redis is not None:
+            self.observe_redis(time.perf_counter() - started)
         return Decision(d.node, d.how, d.previous, d.pin_ignored, "redis")
 
     @staticmethod

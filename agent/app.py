@@ -38,6 +38,7 @@ class App:
         self.health = HealthMonitor(config.nodes, config.health, on_change=self._health_changed)
         self.store = Store.from_config(config)
         self.engine = AffinityEngine(config, self.store, lambda: self.health.healthy)
+        self.engine.observe_redis = self.metrics.redis_seconds.observe
         self.dispatcher = AffinityDispatcher(self.engine, self.metrics)
         self.server = SpopServer(
             self.dispatcher,

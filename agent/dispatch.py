@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from agent.affinity import AffinityEngine, Decision
+from agent.affinity import REDIS_UNAVAILABLE, AffinityEngine, Decision
 from agent.logs import warn_limited
 from agent.metrics import HOWS, Metrics
 from agent.request import ConnectRequest, parse_connect
@@ -54,6 +54,8 @@ class AffinityDispatcher:
         decision = await self._engine.decide(request)
         elapsed = time.perf_counter() - started
         self._metrics.record_decision(decision.how, decision.node, elapsed, decision.pin_ignored)
+        if decision.source == "local" and request.client_id is not None:
+            self._metrics.record_redis_error(decision.error == REDIS_UNAVAILABLE)
         if decision.pin_ignored:
             warn_limited(log, f"pin-ignored-{decision.pin_ignored}",
                          "pin to node %r ignored: node is down, in maintenance or unknown", decision.pin_ignored)

@@ -108,6 +108,10 @@ class Metrics:
         if how == "fallback":
             self.fallbacks.inc()
 
+    def record_redis_error(self, breaker_open: bool) -> None:
+        """A decision that did not get its answer from Redis: an error now, or an open breaker."""
+        self.redis_errors["unavailable" if breaker_open else "error"].inc()
+
     def set_node(self, name: str, *, up: bool, state: str, weight: float, sessions: int | None = None) -> None:
         """Called by the periodic refresh, not the hot path."""
         self._node_up.labels(name).set(1 if up else 0)

@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+
+from agent.redis_pipe import PipelinedRedis, RedisReplyError
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
@@ -188,6 +190,9 @@ class Store:
         )
         self._redis = aioredis.Redis(connection_pool=self._pool)
         self._decide = self._redis.register_script(load_script("decide.lua"))
+        # Decisions (the per-CONNECT hot path) go over one pipelined connection instead of
+        # the pool: about 2x the throughput at concurrency 64, and no pool to starve.
+        self._pipe = PipelinedRedis(url, connect_timeout=connect_timeout if connect_timeout is not None else sock_timeout)
         # A FIFO gate in front of the pool: redis-py's BlockingConnectionPool waits on an
         # asyncio.Condition, which is unfair: a task that just released a connection takes it
         # straight back, and under a sustained burst the woken waiters starve past their
@@ -239,10 +244,19 @@ class Store:
         for node, rate in sorted(evac.items()):
             args.append(node)
             args.append(max(0, int(rate)))
-        async with self._gate:
-            raw = await self._decide(
-                keys=[self._prefix_b + b"owner:" + cid, self._prefix_b + b"pin:" + cid], args=args
-            )
+        pipe = self._pipe
+        if not pipe.connected:
+            await pipe.connect()
+        owner = self._prefix_b + b"owner:" + cid
+        pin = self._prefix_b + b"pin:" + cid
+        try:
+            raw = await pipe.execute("EVALSHA", self._decide.sha, 2, owner, pin, *args)
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            # Redis restarted or SCRIPT FLUSH: load it again, once.
+            self._decide.sha = (await pipe.execute("SCRIPT", "LOAD", self._decide.script)).decode()
+            raw = await pipe.execute("EVALSHA", self._decide.sha, 2, owner, pin, *args)
         node, how, previous, pin_ignored = (_text(x) for x in raw)
         if how not in _HOWS:
             raise ValueError(f"decide.lua returned unknown how {how!r}")
@@ -280,7 +294,9 @@ class Store:
         return {node: int(c) for node, c in zip(names, counts)}
 
     async def ping(self) -> None:
-        """Raises unless Redis answers; also makes sure the script is loaded after a restart."""
+        """Raises unless Redis answers; also makes sure the script is loaded after a restart
+        and reconnects the decision connection."""
+        await self._pipe.connect()
         async with self._gate:
             await self._redis.ping()
             if not (await self._redis.script_exists(self._decide.sha))[0]:
@@ -295,4 +311,5 @@ class Store:
         await self._pool.disconnect(inuse_connections=False)
 
     async def close(self) -> None:
+        await self._pipe.close()
         await self._redis.aclose(close_connection_pool=True)
