@@ -417,6 +417,8 @@ def cmd_pin(args: argparse.Namespace, t: Target) -> int:
     pipe.execute()
     ttl = f" for {_fmt_ttl(args.ttl)}" if args.ttl else " (no expiry)"
     print(f"pinned {_show_cid(cid, args.hex)} to {node}{ttl}")
+    print(f"note: a client that keeps a session starts a new one on {node} at its next CONNECT and stays "
+          "there after unpin; anything queued on its old broker stays behind")
     return EXIT_OK
 
 
@@ -864,7 +866,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         p.set_defaults(handler=handler, _parser=p)
         return p
 
-    p = add("pin", "send a client to a node while that node is usable", cmd_pin,
+    p = add("pin", "send a client to a node (its session moves there for good)", cmd_pin,
             "Pin CLIENT_ID to NODE (writes <prefix>pin:<cid> {node, reason, created_at}). Refused with "
             "status 2 if NODE is unknown, in maintenance or down. Agents read pins on every decision.")
     _cid_args(p)

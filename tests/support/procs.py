@@ -13,6 +13,7 @@ import atexit
 import csv
 import io
 import os
+import random
 import re
 import shutil
 import signal
@@ -43,8 +44,35 @@ class ProcessFailed(RuntimeError):
 
 # --------------------------------------------------------------------------- helpers
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_PORT_RNG = random.Random(os.getpid())
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on ``host`` (the OS picks it)."""
+    """A TCP port that is free right now on ``host``, outside the kernel's ephemeral range.
+
+    Port 0 would hand out an ephemeral port, and the tests' own outgoing connections
+    (a thousand at a time in the storm tests) draw from that same range: one of them can
+    take the port between this call and the listener's bind. Below the range, only
+    another listener can.
+    """
+    lo, _ = _ephemeral_range()
+    top = max(lo - 1, 12000)
+    for _ in range(200):
+        port = _PORT_RNG.randint(10000, top)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
