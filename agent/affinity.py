@@ -7,7 +7,7 @@ locally; Redis holds the per-client record and applies it atomically (``decide.l
 balancer agrees on where a client's session lives.
 
 Why the circuit breaker: a CONNECT cannot wait on a dead Redis. Every decision is bounded by
-``asyncio.timeout(config.redis_timeout)``; a failed one answers ``fallback`` with HRW over the
+``config.redis_timeout`` (enforced by the Store); a failed one answers ``fallback`` with HRW over the
 nodes known to be usable (configured, healthy, not in maintenance, as of the last refresh),
 which every balancer computes identically (``none`` if no node is usable). A refused or reset
 connection opens the breaker at once, timeouts after ``TIMEOUTS_TO_TRIP`` in a row (a lone
@@ -308,17 +308,18 @@ class AffinityEngine:
         ttl = req.record_ttl(self._config.session_ttl) if req.persistent else None
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._config.redis_timeout):
-                d = await self._store.decide(
-                    cid,
-                    persistent=req.persistent,
-                    candidate=candidate,
-                    ttl=ttl or 0,
-                    now=int(self._clock()),
-                    usable=elig.usable,
-                    evacuating=elig.evacuating,
-                    by=req.balancer or self.agent_id,
-                )
+            # The Store enforces the budget (one shared timer, not one per call).
+            d = await self._store.decide(
+                cid,
+                persistent=req.persistent,
+                candidate=candidate,
+                ttl=ttl or 0,
+                now=int(self._clock()),
+                usable=elig.usable,
+                evacuating=elig.evacuating,
+                by=req.balancer or self.agent_id,
+                timeout=self._config.redis_timeout,
+            )
         except Exception as exc:
             self._on_error(exc, "decide")
             return self._fallback(cid, elig, _describe(exc))

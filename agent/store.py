@@ -225,8 +225,11 @@ class Store:
         usable: Iterable[str],
         evacuating: Mapping[str, int] | None = None,
         by: str = "",
+        timeout: float | None = None,
     ) -> StoreDecision:
-        """Run decide.lua for one client. ``ttl`` None or 0 = the record never expires."""
+        """Run decide.lua for one client. ``ttl`` None or 0 = the record never expires.
+
+        ``timeout`` bounds the whole call (TimeoutError past it)."""
         usable_list = sorted(set(usable))
         evac = evacuating or {}
         args: list[bytes | str | int] = [
@@ -246,17 +249,19 @@ class Store:
             args.append(max(0, int(rate)))
         pipe = self._pipe
         if not pipe.connected:
-            await pipe.connect()
+            # Rare (start-up, after an outage): the usual per-call timer is fine here.
+            await asyncio.wait_for(pipe.connect(), timeout)
         owner = self._prefix_b + b"owner:" + cid
         pin = self._prefix_b + b"pin:" + cid
         try:
-            raw = await pipe.execute("EVALSHA", self._decide.sha, 2, owner, pin, *args)
+            raw = await pipe.execute("EVALSHA", self._decide.sha, 2, owner, pin, *args, timeout=timeout)
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
             # Redis restarted or SCRIPT FLUSH: load it again, once.
-            self._decide.sha = (await pipe.execute("SCRIPT", "LOAD", self._decide.script)).decode()
-            raw = await pipe.execute("EVALSHA", self._decide.sha, 2, owner, pin, *args)
+            sha = await pipe.execute("SCRIPT", "LOAD", self._decide.script, timeout=timeout)
+            self._decide.sha = sha.decode()
+            raw = await pipe.execute("EVALSHA", self._decide.sha, 2, owner, pin, *args, timeout=timeout)
         node, how, previous, pin_ignored = (_text(x) for x in raw)
         if how not in _HOWS:
             raise ValueError(f"decide.lua returned unknown how {how!r}")

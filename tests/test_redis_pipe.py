@@ -124,3 +124,22 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.exceptions.ConnectionError:
         return False
+
+
+def test_execute_timeout_fails_only_the_late_requests(redis_server):
+    async def go():
+        p = PipelinedRedis(redis_server.url)
+        await p.connect()
+        # Redis is single threaded: a 200 ms script delays everything queued behind it.
+        slow = p.execute("EVAL", "local t=redis.call('TIME') while true do local n=redis.call('TIME') "
+                         "if (n[1]-t[1])*1000000+(n[2]-t[2]) > 200000 then return 'slow' end end", 0)
+        late = [p.execute("ECHO", b"x%d" % i, timeout=0.05) for i in range(5)]
+        for fut in late:
+            with pytest.raises(TimeoutError):
+                await fut
+        assert await slow == b"slow"
+        # Their replies were skipped in place: later requests still match.
+        assert await p.execute("ECHO", "fresh", timeout=1.0) == b"fresh"
+        await p.close()
+
+    asyncio.run(go())
