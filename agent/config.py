@@ -90,7 +90,7 @@ class Config:
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "mqtt-affinity:"
     session_ttl: int = 86400
-    redis_timeout: float = 0.1
+    redis_timeout: float = 0.25
     redis_pool_size: int = 32
     state_refresh: float = 0.5
     evacuate_rate: int = 20

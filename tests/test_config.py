@@ -61,7 +61,7 @@ def test_minimal_config_gets_defaults() -> None:
     assert cfg.listen == ("127.0.0.1", 12345)
     assert cfg.metrics_listen == ("127.0.0.1", 9898)
     assert cfg.health == HealthConfig()
-    assert cfg.redis_timeout == 0.1
+    assert cfg.redis_timeout == 0.25
     assert cfg.log_level == "info" and cfg.log_format == "text"
 
 

@@ -48,7 +48,7 @@ def agent_config(
 metrics_listen: 127.0.0.1:{metrics_port}
 redis_url: {redis_url}
 session_ttl: 3600
-redis_timeout: 0.1
+redis_timeout: 0.25
 state_refresh: 0.2
 nodes:
 {nodes}
