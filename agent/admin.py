@@ -795,24 +795,25 @@ def cmd_weight(args: argparse.Namespace, t: Target) -> int:
 # --------------------------------------------------------------------------- argparse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def _whole_number(what: str, lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of ``what`` in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {what}, got {text!r}") from None
+        if hi is None and v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        if hi is not None and not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    return parse
 
 
-def _rate(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of moves per second, got {text!r}") from None
-    if not 1 <= v <= MAX_RATE:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_RATE}, got {v}")
-    return v
+_positive_int = _whole_number("seconds", 1)
+_rate = _whole_number("moves per second", 1, MAX_RATE)
 
 
 def _weight(text: str) -> float:

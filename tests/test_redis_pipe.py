@@ -12,6 +12,15 @@ from agent.redis_pipe import PipelinedRedis, RedisReplyError, encode_command, pa
 from tests.support.procs import RedisServer, free_port, wait_until
 
 
+# Busy-waits 200 ms inside Redis (single threaded): everything queued behind it is late.
+SLOW_200MS = (
+    "EVAL",
+    "local t=redis.call('TIME') while true do local n=redis.call('TIME') "
+    "if (n[1]-t[1])*1000000+(n[2]-t[2]) > 200000 then return 'slow' end end",
+    0,
+)
+
+
 def test_encode_command_is_resp_bulk_array():
     assert encode_command(("SET", b"k\r\n\x00", 5)) == b"*3\r\n$3\r\nSET\r\n$4\r\nk\r\n\x00\r\n$1\r\n5\r\n"
 
@@ -56,8 +65,7 @@ def test_timed_out_caller_does_not_shift_later_replies(redis_server):
     async def go():
         p = PipelinedRedis(redis_server.url)
         await p.connect()
-        slow = p.execute("EVAL", "local t=redis.call('TIME') while true do local n=redis.call('TIME') "
-                         "if (n[1]-t[1])*1000000+(n[2]-t[2]) > 200000 then return 'slow' end end", 0)
+        slow = p.execute(*SLOW_200MS)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.02):
                 await slow
@@ -130,9 +138,7 @@ def test_execute_timeout_fails_only_the_late_requests(redis_server):
     async def go():
         p = PipelinedRedis(redis_server.url)
         await p.connect()
-        # Redis is single threaded: a 200 ms script delays everything queued behind it.
-        slow = p.execute("EVAL", "local t=redis.call('TIME') while true do local n=redis.call('TIME') "
-                         "if (n[1]-t[1])*1000000+(n[2]-t[2]) > 200000 then return 'slow' end end", 0)
+        slow = p.execute(*SLOW_200MS)
         late = [p.execute("ECHO", b"x%d" % i, timeout=0.05) for i in range(5)]
         for fut in late:
             with pytest.raises(TimeoutError):
