@@ -73,30 +73,40 @@ def parse_redis_url(url: str) -> dict[str, Any]:
 
 
 class _Protocol(asyncio.Protocol):
+    """One TCP connection's bytes; it reports to its owner only while it is the owner's current one."""
+
     def __init__(self, owner: PipelinedRedis) -> None:
         self._owner = owner
         self._reader = hiredis.Reader(replyError=RedisReplyError)
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._owner._transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]
+
+    def _current(self) -> bool:
+        return self._owner._proto is self
 
     def data_received(self, data: bytes) -> None:
+        if not self._current():
+            return
+        owner = self._owner
+        owner._last_reply = asyncio.get_running_loop().time()
         reader = self._reader
         reader.feed(data)
-        waiting = self._owner._waiting
+        waiting = owner._waiting
         while True:
             try:
                 reply = reader.gets()
             except hiredis.ProtocolError as exc:
-                self._owner._fail(RedisConnectionError(f"Redis protocol error: {exc}"))
+                owner._fail(RedisConnectionError(f"Redis protocol error: {exc}"))
                 return
             if reply is False:
                 return
             if not waiting:  # a reply nobody asked for: the stream is out of step
-                self._owner._fail(RedisConnectionError("unexpected reply from Redis"))
+                owner._fail(RedisConnectionError("unexpected reply from Redis"))
                 return
             fut = waiting.popleft()
-            # A caller that timed out cancelled its future; its reply still
+            # A caller that timed out gave up on its future; its reply still
             # arrives in its place and is skipped, so the stream stays in step.
             if not fut.done():
                 if isinstance(reply, RedisReplyError):
@@ -105,33 +115,46 @@ class _Protocol(asyncio.Protocol):
                     fut.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._owner._fail(
-            RedisConnectionError(f"Redis connection lost: {exc}" if exc else "Redis closed the connection")
-        )
+        # A connection replaced since (after a stall) must not fail its successor.
+        if self._current():
+            self._owner._fail(
+                RedisConnectionError(f"Redis connection lost: {exc}" if exc else "Redis closed the connection")
+            )
 
 
 class PipelinedRedis:
     """One connection, any number of requests in flight, replies in order.
 
-    ``execute`` raises redis-py's ``ConnectionError`` at once when there is no live
-    connection: the engine turns that into its local fallback and reconnects
-    from its own background probe (``connect``), never from the hot path.
+    ``execute`` raises redis-py's ``ConnectionError`` at once when there is no
+    ready connection (connected, authenticated, database selected): the engine
+    turns that into its local fallback and reconnects from its background probe.
+    A connection that stops answering (a request times out and no reply at all
+    arrived since it was sent) is dropped, so the next ``connect`` opens a fresh one
+    instead of feeding a dead socket.
     """
 
     def __init__(self, url: str, *, connect_timeout: float = 1.0) -> None:
         self._opts = parse_redis_url(url)
         self._connect_timeout = connect_timeout
-        self._transport: asyncio.Transport | None = None
+        self._proto: _Protocol | None = None
+        self._ready = False
         self._waiting: deque[asyncio.Future[Any]] = deque()
-        self._deadlines: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        # (deadline, sent_at, future) of requests that carry a timeout, oldest first.
+        self._deadlines: deque[tuple[float, float, asyncio.Future[Any]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._last_reply = 0.0
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._connecting: asyncio.Future[None] | None = None
 
     @property
+    def _transport(self) -> asyncio.Transport | None:
+        return self._proto.transport if self._proto is not None else None
+
+    @property
     def connected(self) -> bool:
-        return self._transport is not None and not self._transport.is_closing()
+        t = self._transport
+        return self._ready and t is not None and not t.is_closing()
 
     async def connect(self) -> None:
         """(Re)connect, authenticate and select the database; concurrent callers share one attempt."""
@@ -159,18 +182,25 @@ class PipelinedRedis:
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         o = self._opts
+        self._fail(RedisConnectionError("reconnecting"))  # whatever was left of the previous one
+        proto = _Protocol(self)
+        self._proto = proto
         if o["path"]:
-            await loop.create_unix_connection(lambda: _Protocol(self), o["path"])
+            await loop.create_unix_connection(lambda: proto, o["path"])
         else:
             ctx = ssl.create_default_context() if o["tls"] else None
-            await loop.create_connection(lambda: _Protocol(self), o["host"], o["port"], ssl=ctx)
+            await loop.create_connection(lambda: proto, o["host"], o["port"], ssl=ctx)
+        # Not ready until authenticated and on the right database: decisions must
+        # never run before AUTH or against database 0 by mistake.
         if o["password"]:
             if o["username"]:
-                await self.execute("AUTH", o["username"], o["password"])
+                await self._enqueue(("AUTH", o["username"], o["password"]), None)
             else:
-                await self.execute("AUTH", o["password"])
+                await self._enqueue(("AUTH", o["password"]), None)
         if o["db"]:
-            await self.execute("SELECT", o["db"])
+            await self._enqueue(("SELECT", o["db"]), None)
+        if self._proto is proto:
+            self._ready = True
 
     def execute(self, *args: bytes | str | int | float, timeout: float | None = None) -> asyncio.Future[Any]:
         """Queue one command; the returned future resolves with its reply.
@@ -181,22 +211,25 @@ class PipelinedRedis:
         order, so mixing very different timeouts on one connection may let a short one
         expire late; the agent uses one value.
         """
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        transport = self._transport
-        if transport is None or transport.is_closing():
+        if not self.connected:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             fut.set_exception(RedisConnectionError("not connected to Redis"))
             return fut
+        return self._enqueue(args, timeout)
+
+    def _enqueue(self, args: tuple[bytes | str | int | float, ...], timeout: float | None) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         self._waiting.append(fut)
         self._out.append(encode_command(args))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         if timeout is not None:
-            deadline = loop.time() + timeout
-            self._deadlines.append((deadline, fut))
+            now = loop.time()
+            self._deadlines.append((now + timeout, now, fut))
             if self._timer is None:
-                self._timer = loop.call_at(deadline, self._expire)
+                self._timer = loop.call_at(now + timeout, self._expire)
         return fut
 
     def _expire(self) -> None:
@@ -204,11 +237,17 @@ class PipelinedRedis:
         loop = asyncio.get_running_loop()
         now = loop.time()
         pending = self._deadlines
-        while pending and (pending[0][1].done() or pending[0][0] <= now):
-            _, fut = pending.popleft()
+        stalled = False
+        while pending and (pending[0][2].done() or pending[0][0] <= now):
+            _, sent_at, fut = pending.popleft()
             if not fut.done():
                 # Its reply will still arrive in its place and be skipped.
                 fut.set_exception(TimeoutError("Redis reply timed out"))
+                if self._last_reply < sent_at:
+                    stalled = True  # not a single reply since this request went out
+        if stalled:
+            self._fail(RedisConnectionError("Redis stopped answering"))
+            return
         if pending:
             self._timer = loop.call_at(pending[0][0], self._expire)
 
@@ -218,12 +257,14 @@ class PipelinedRedis:
             return
         data = b"".join(self._out)
         self._out.clear()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
     def _fail(self, exc: Exception) -> None:
         """Drop the connection and fail everything in flight: their replies can no longer be matched."""
-        transport, self._transport = self._transport, None
+        proto, self._proto = self._proto, None
+        self._ready = False
         self._out.clear()
         self._deadlines.clear()
         if self._timer is not None:
@@ -233,8 +274,8 @@ class PipelinedRedis:
         for fut in waiting:
             if not fut.done():
                 fut.set_exception(exc)
-        if transport is not None:
-            transport.abort()
+        if proto is not None and proto.transport is not None:
+            proto.transport.abort()
 
     async def close(self) -> None:
         self._fail(RedisConnectionError("closed"))

@@ -31,7 +31,7 @@ key or another kind of key. Operators read and write these with redis-cli.
     Maintained by the script on assign/refresh/move (ZREM from the old node on a move), so
     sessions per node are ``ZCOUNT P placed:<node> (<now> +inf`` and evacuation can enumerate.
     Members past their expiry are trimmed periodically by the engine (``trim_placed``).
-``P evac:<node>:<unix second>``  STRING counter (INCR, EXPIRE 2)
+``P evac:<node>:<unix second>``  STRING counter (INCR, EXPIRE 2); the second is Redis's own clock (TIME)
     The evacuation budget for one second, shared by every agent.
 
 The script derives ``placed:`` and ``evac:`` key names from ``P`` itself, so it needs a single
@@ -168,6 +168,7 @@ class Store:
         connect_timeout: float | None = None,
     ) -> None:
         self.prefix = key_prefix
+        self._timeout = timeout
         self._prefix_b = key_prefix.encode("utf-8")
         # BlockingConnectionPool: the plain pool raises MaxConnectionsError past its size under
         # load; here excess callers queue (bounded by the engine's overall timeout).
@@ -248,20 +249,28 @@ class Store:
             args.append(node)
             args.append(max(0, int(rate)))
         pipe = self._pipe
+        loop = asyncio.get_running_loop()
+        # One budget for the whole call, however many steps it takes.
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
         if not pipe.connected:
-            # Rare (start-up, after an outage): the usual per-call timer is fine here.
-            await asyncio.wait_for(pipe.connect(), timeout)
+            # Rare (start-up, after an outage). Shielded: a caller that runs out of budget
+            # must not cancel the attempt that other callers and the probe share.
+            await asyncio.wait_for(asyncio.shield(pipe.connect()), left())
         owner = self._prefix_b + b"owner:" + cid
         pin = self._prefix_b + b"pin:" + cid
         try:
-            raw = await pipe.execute("EVALSHA", self._decide.sha, 2, owner, pin, *args, timeout=timeout)
+            raw = await pipe.execute("EVALSHA", self._decide.sha, 2, owner, pin, *args, timeout=left())
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
             # Redis restarted or SCRIPT FLUSH: load it again, once.
-            sha = await pipe.execute("SCRIPT", "LOAD", self._decide.script, timeout=timeout)
+            sha = await pipe.execute("SCRIPT", "LOAD", self._decide.script, timeout=left())
             self._decide.sha = sha.decode()
-            raw = await pipe.execute("EVALSHA", self._decide.sha, 2, owner, pin, *args, timeout=timeout)
+            raw = await pipe.execute("EVALSHA", self._decide.sha, 2, owner, pin, *args, timeout=left())
         node, how, previous, pin_ignored = (_text(x) for x in raw)
         if how not in _HOWS:
             raise ValueError(f"decide.lua returned unknown how {how!r}")
@@ -302,6 +311,8 @@ class Store:
         """Raises unless Redis answers; also makes sure the script is loaded after a restart
         and reconnects the decision connection."""
         await self._pipe.connect()
+        # Over the decision connection itself: a stalled one fails here and is replaced.
+        await self._pipe.execute("PING", timeout=max(self._timeout * 4, 0.25))
         async with self._gate:
             await self._redis.ping()
             if not (await self._redis.script_exists(self._decide.sha))[0]:

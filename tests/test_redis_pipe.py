@@ -134,7 +134,10 @@ def _pings(client: redis.Redis) -> bool:
         return False
 
 
-def test_execute_timeout_fails_only_the_late_requests(redis_server):
+def test_timeouts_with_no_reply_at_all_drop_the_connection(redis_server):
+    """Requests time out and nothing came back since they were sent: the connection is treated as
+    stalled and dropped (the engine then falls back and its probe reconnects)."""
+
     async def go():
         p = PipelinedRedis(redis_server.url)
         await p.connect()
@@ -143,9 +146,117 @@ def test_execute_timeout_fails_only_the_late_requests(redis_server):
         for fut in late:
             with pytest.raises(TimeoutError):
                 await fut
-        assert await slow == b"slow"
-        # Their replies were skipped in place: later requests still match.
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await slow
+        assert not p.connected
+        await p.connect()
         assert await p.execute("ECHO", "fresh", timeout=1.0) == b"fresh"
         await p.close()
+
+    asyncio.run(go())
+
+
+def test_timeouts_while_replies_flow_keep_the_connection():
+    """Slow but answering (a peer that sends one reply every 30 ms): the late requests time out,
+    the connection stays, and the replies that still arrive for them are skipped in place."""
+
+    async def go():
+        async def slow_redis(reader, writer):
+            buf = b""
+            while True:
+                chunk = await reader.read(4096)
+                if not chunk:
+                    return
+                buf += chunk
+                while b"ECHO\r\n" in buf:  # one inline-parsed ECHO <x> per request
+                    head, _, rest = buf.partition(b"ECHO\r\n")
+                    size_line, _, rest = rest.partition(b"\r\n")
+                    n = int(size_line[1:])
+                    payload, buf = rest[:n], rest[n + 2:]
+                    await asyncio.sleep(0.03)
+                    writer.write(b"$%d\r\n%s\r\n" % (len(payload), payload))
+
+        server = await asyncio.start_server(slow_redis, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        p = PipelinedRedis(f"redis://127.0.0.1:{port}/0")
+        await p.connect()
+        futs = [p.execute("ECHO", b"q%d" % i, timeout=0.1) for i in range(8)]
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        answered = [r for r in results if not isinstance(r, TimeoutError)]
+        assert answered == [b"q%d" % i for i in range(len(answered))] and 1 <= len(answered) < 8
+        assert all(isinstance(r, TimeoutError) for r in results[len(answered):])
+        assert p.connected
+        # The skipped replies drain first; this one still gets its own.
+        assert await p.execute("ECHO", b"after", timeout=2.0) == b"after"
+        await p.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(go())
+
+
+def test_nothing_runs_before_auth_and_select(tmp_path):
+    """A request made while the connection is still authenticating fails fast; it never runs on db 0."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--requirepass", "pw", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        sync = redis.Redis(port=port, password="pw")
+        wait_until(lambda: _pings(sync))
+
+        async def go():
+            p = PipelinedRedis(f"redis://:pw@127.0.0.1:{port}/5")
+            connecting = asyncio.ensure_future(p.connect())
+            early = []
+            while not connecting.done():
+                early.append(p.execute("SET", "early", "x"))
+                await asyncio.sleep(0)
+            await connecting
+            results = await asyncio.gather(*early, return_exceptions=True)
+            refused = [r for r in results if isinstance(r, redis.exceptions.ConnectionError)]
+            assert refused, "the handshake window was never exercised"
+            # Anything not refused ran after AUTH and SELECT, so on db 5.
+            assert all(r == b"OK" for r in results if r not in refused)
+            assert b"db=5" in await p.execute("CLIENT", "INFO")
+            await p.close()
+
+        asyncio.run(go())
+        assert sync.get("early") is None  # db 0 untouched
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_connection_that_stops_answering_is_replaced():
+    """A peer that accepts and never replies: the timed-out connection is dropped, not fed forever."""
+
+    async def go():
+        accepted = []
+
+        async def silent(reader, writer):
+            accepted.append(writer)
+            await reader.read()  # swallow everything, answer nothing
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        p = PipelinedRedis(f"redis://127.0.0.1:{port}/0")
+        await p.connect()
+        for _ in range(3):
+            futs = [p.execute("PING", timeout=0.05) for _ in range(100)]
+            results = await asyncio.gather(*futs, return_exceptions=True)
+            # The first to expire time out; dropping the stalled connection fails the rest.
+            assert isinstance(results[0], TimeoutError)
+            assert all(isinstance(r, (TimeoutError, redis.exceptions.ConnectionError)) for r in results)
+            assert not p.connected and len(p._waiting) == 0
+            await p.connect()  # a fresh connection each time
+        assert len(accepted) == 4  # the first connection and three replacements
+        await p.close()
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
 
     asyncio.run(go())

@@ -99,7 +99,9 @@ if owner ~= '' then
         -- No session to carry over: a clean client simply leaves, without using the budget.
         return {cand, 'moved', owner, pin_ignored}
       end
-      local bucket = prefix .. 'evac:' .. owner .. ':' .. string.format('%d', now)
+      -- The bucket's second comes from Redis's clock, not the agent's: agents whose
+      -- clocks differ must still share one budget per second.
+      local bucket = prefix .. 'evac:' .. owner .. ':' .. redis.call('TIME')[1]
       local used = redis.call('INCR', bucket)
       if used == 1 then redis.call('EXPIRE', bucket, 2) end
       if used <= rate then
