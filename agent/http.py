@@ -59,6 +59,13 @@ class HttpEndpoint:
             await self._respond(writer, 405, b"method not allowed\n", extra=b"Allow: GET, HEAD\r\n")
             return
         head_only = method == b"HEAD"
+        try:
+            await self._route(writer, target, head_only)
+        except Exception as exc:  # a failing collector must not take the endpoint down
+            log.warning("HTTP %s failed: %r", target[:64].decode("latin-1"), exc)
+            await self._respond(writer, 500, b"internal error\n", head_only=head_only)
+
+    async def _route(self, writer: asyncio.StreamWriter, target: bytes, head_only: bool) -> None:
         if target == b"/metrics":
             await self._respond(writer, 200, self._render(), CONTENT_TYPE_LATEST.encode(), head_only=head_only)
         elif target == b"/healthz":
@@ -80,7 +87,8 @@ class HttpEndpoint:
         head_only: bool = False,
     ) -> None:
         reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-                  431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}[status]
+                  431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+                  503: b"Service Unavailable"}[status]
         header = (
             b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n"
             % (status, reason, content_type, len(body), extra)

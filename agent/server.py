@@ -26,7 +26,6 @@ from agent.spop import (
     Action,
     AgentDisconnect,
     AgentHello,
-    ConnectionClosed,
     Disconnect,
     Hello,
     LocalProtocolError,
@@ -125,10 +124,7 @@ class _SpopProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn.state is not State.CLOSED:
-            try:
-                self._conn.receive_data(b"")
-            except ProtocolError:
-                pass
+            self._conn.receive_data(b"")  # EOF never raises
         self._abort_work()
         self._server._connections.discard(self)
         self._server.observer.connection_closed()
@@ -150,8 +146,6 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         obs = self._server.observer
         if isinstance(event, Notify):
             obs.frame_received("notify")
-            if self._closing:
-                return
             if len(self._tasks) < self._server.max_in_flight:
                 self._start(event)
             else:
@@ -171,8 +165,6 @@ class _SpopProtocol(asyncio.BufferedProtocol):
             self._abort_work()
             self._write(self._conn.send(AgentDisconnect(Status.NORMAL, "")), "disconnect")
             self._close_transport()
-        elif isinstance(event, ConnectionClosed):
-            self._abort_work()
 
     def _start(self, notify: Notify) -> None:
         task = asyncio.get_running_loop().create_task(self._process(notify))
@@ -195,15 +187,22 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         try:
             frame = self._conn.send(Ack(notify.stream_id, notify.frame_id, tuple(actions)))
         except LocalProtocolError as exc:
+            # Larger than the negotiated frame size: the stream must still be answered, or
+            # HAProxy waits out `timeout processing`. Fall back to the error answer, then to none.
             warn_limited(log, "ack-error", "cannot encode ACK for stream %d: %s", notify.stream_id, exc)
-            return
+            fallback = tuple(dispatcher.on_error(notify.messages[0], exc)) if notify.messages else ()
+            try:
+                frame = self._conn.send(Ack(notify.stream_id, notify.frame_id, fallback))
+            except LocalProtocolError:
+                frame = self._conn.send(Ack(notify.stream_id, notify.frame_id, ()))
         self._write(frame, "ack")
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             warn_limited(log, "task-error", "NOTIFY task failed: %r", task.exception())
-        while self._pending and len(self._tasks) < self._server.max_in_flight and not self._closing:
+        # Also while closing: queued NOTIFYs are in flight for HAProxy and get their ACK.
+        while self._pending and len(self._tasks) < self._server.max_in_flight:
             self._start(self._pending.popleft())
         self._update_reading()
         if self._closing and not self._tasks and not self._pending:

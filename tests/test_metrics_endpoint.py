@@ -151,3 +151,31 @@ def test_metrics_follow_decisions_and_readiness_follows_redis(one_balancer: Stac
     s = scrape(port)
     label_values = {v for (_, labels) in s for _, v in labels}
     assert not any(cid in v for v in label_values for cid in cids)
+
+
+def test_a_failing_collector_gives_500_not_a_dead_endpoint():
+    import asyncio
+    import urllib.error
+    import urllib.request
+
+    from agent.http import HttpEndpoint
+
+    def broken() -> bytes:
+        raise RuntimeError("collector bug")
+
+    async def go():
+        ep = HttpEndpoint("127.0.0.1", 0, broken, lambda: (True, "ready"))
+        await ep.start()
+        loop = asyncio.get_running_loop()
+
+        def fetch(path: str) -> int:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{ep.port}{path}", timeout=5).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert await loop.run_in_executor(None, fetch, "/metrics") == 500
+        assert await loop.run_in_executor(None, fetch, "/healthz") == 200
+        await ep.stop()
+
+    asyncio.run(go())

@@ -47,6 +47,8 @@ class EchoDispatcher:
             cid = message.get("client_id")
             if cid == b"boom":
                 raise RuntimeError("handler bug")
+            if cid == b"big":
+                return [SetVar(Scope.TRANSACTION, "blob", b"x" * 300)]
             if self.gate is not None:
                 await self.gate.wait()
             if isinstance(cid, bytes) and cid in self.delays:
@@ -287,5 +289,40 @@ def test_shutdown_finishes_in_flight_then_disconnects():
         assert kinds == [FrameType.ACK, FrameType.ACK, FrameType.AGENT_DISCONNECT]
         assert await peer.closed()
         await stopping
+
+    run(scenario())
+
+
+def test_shutdown_answers_queued_notifies_too():
+    async def scenario():
+        server, d = await start(max_in_flight=1)
+        d.delays[b"q"] = 0.05
+        peer = await Peer.open(server.port)
+        await peer.hello()
+        q = Message("mqtt-connect", (("client_id", b"q"),))
+        await peer.send(b"".join(encode_notify(i, 1, [q]) for i in (1, 2, 3)))
+        while d.calls < 1:
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(server.shutdown(grace=5))
+        frames = [await peer.frame() for _ in range(4)]
+        assert [f.type for f in frames] == [FrameType.ACK] * 3 + [FrameType.AGENT_DISCONNECT]
+        assert sorted(f.stream_id for f in frames[:3]) == [1, 2, 3]
+        await stopping
+
+    run(scenario())
+
+
+def test_ack_too_large_for_the_frame_falls_back_to_the_error_answer():
+    async def scenario():
+        server, _ = await start()
+        peer = await Peer.open(server.port)
+        await peer.hello(max_frame_size=256)
+        big = Message("mqtt-connect", (("client_id", b"big"),))  # answered with a 300-byte value
+        await peer.send(encode_notify(9, 1, [big]))
+        ack = await peer.frame()
+        assert (ack.type, ack.stream_id) == (FrameType.ACK, 9)
+        assert decode_actions(ack.payload) == (SetVar(Scope.TRANSACTION, "how", "none"),)
+        peer.close()
+        await server.shutdown()
 
     run(scenario())

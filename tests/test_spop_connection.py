@@ -171,10 +171,14 @@ def test_notify_event_keeps_order_and_repeats() -> None:
     assert events[0].messages[1].get("a") == b"1"
 
 
-def test_notify_with_abort_produces_no_event() -> None:
+def test_abort_flag_on_an_unfragmented_notify_is_ignored() -> None:
+    """SPOE.txt: ABORT "can be ignored for frames with an unfragmented payload": the stream is answered."""
     conn = ready()
     aborted = encode_notify(1, 1, [CONNECT], flags=FLAG_FIN | FLAG_ABORT)
-    assert conn.receive_data(aborted + encode_notify(1, 2, [CONNECT])) == [Notify(1, 2, (CONNECT,))]
+    assert conn.receive_data(aborted + encode_notify(1, 2, [CONNECT])) == [
+        Notify(1, 1, (CONNECT,)),
+        Notify(1, 2, (CONNECT,)),
+    ]
     assert conn.state is State.READY
 
 

@@ -24,9 +24,9 @@ Choices the spec leaves open, made here once:
 
 * Negotiation happens when the HELLO is *received*, so frames that follow it
   in the same chunk are already parsed against the negotiated limit.
-* A NOTIFY with the ABORT flag is protocol-valid but carries nothing to act
-  on (aborts only make sense for fragmented payloads, which we refuse), so it
-  produces no event.
+* The ABORT flag on an unfragmented NOTIFY (FIN set) is ignored, as SPOE.txt
+  allows ("can be ignored for frames with an unfragmented payload"): the NOTIFY
+  is handled like any other, so its stream still gets an ACK.
 * In CLOSING (after a `ProtocolError` or a `Disconnect`) and in CLOSED,
   received bytes are discarded and `receive_data` returns ``[]``: SPOE.txt says
   HAProxy ignores everything but DISCONNECT at that point, so we do the same
@@ -62,7 +62,6 @@ from .events import (
     SendEvent,
 )
 from .frames import (
-    FLAG_ABORT,
     FLAG_FIN,
     LENGTH_PREFIX_SIZE,
     MIN_FRAME_SIZE,
@@ -248,8 +247,6 @@ class SpopConnection:
         if ftype == _NOTIFY:
             if self._state is State.AWAIT_HELLO:
                 raise ProtocolError(Status.INVALID_FRAME, "NOTIFY before HELLO")
-            if flags & FLAG_ABORT:
-                return None
             return Notify(sid, fid, decode_messages(body, offset))
         if ftype == _HELLO:
             if self._state is not State.AWAIT_HELLO:
