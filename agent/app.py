@@ -8,6 +8,7 @@ the SPOP server finishes in-flight NOTIFYs before Redis is closed under it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from pathlib import Path
@@ -26,7 +27,10 @@ log = logging.getLogger("mqtt_affinity")
 
 NODE_METRICS_INTERVAL = 2.0
 # Keys a SIGHUP cannot change without re-binding sockets or pools: a restart applies them.
-RESTART_ONLY = ("listen", "metrics_listen", "redis_url", "key_prefix", "redis_pool_size", "max_frame_size")
+RESTART_ONLY = (
+    "listen", "metrics_listen", "redis_url", "key_prefix", "redis_pool_size", "max_frame_size",
+    "max_in_flight", "health",
+)
 
 
 class App:
@@ -125,9 +129,14 @@ class App:
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             return
+        kept = {}
         for key in RESTART_ONLY:
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect at the next restart", key)
+                kept[key] = getattr(self.config, key)
+        # The running values stay in force (and in self.config, so the next reload compares
+        # against what really runs).
+        new = dataclasses.replace(new, **kept)
         old_names = {n.name for n in self.config.nodes}
         new_names = {n.name for n in new.nodes}
         self.health.update_nodes(new.nodes)

@@ -346,8 +346,10 @@ def _parse_redis_url(value: object) -> str:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        raise ConfigError("redis_url", f"invalid URL {redact_url(url)!r}: {exc}") from None
+    except ValueError:
+        # Neither the URL nor the parser's message: with a '/', '#' or '?' in the password
+        # the parser misreads it as the port and quotes it back.
+        raise ConfigError("redis_url", "invalid URL (bad port; percent-encode '/', '#', '?' and '@' in a password)") from None
     if parts.scheme not in _REDIS_SCHEMES:
         raise ConfigError(
             "redis_url",

@@ -235,8 +235,8 @@ class HealthMonitor:
 
         Nodes whose name and address are unchanged keep their state (a weight
         change is not a reason to forget that a broker is down). New nodes,
-        or nodes moved to another address, start up and, when the monitor is
-        running, are probed at once rather than at the next round.
+        or nodes moved to another address, are not healthy until their first
+        probe, which runs at once when the monitor is running.
         """
         now = time.monotonic()
         old = self._states
@@ -312,6 +312,8 @@ class HealthMonitor:
             flip = h.up and (first or st.failures >= self.cfg.fall)
         if flip:
             self._transition(st, up=not h.up)
+        elif first:
+            self._rebuild_healthy()  # probed at last: now eligible
 
     def _transition(self, st: _State, *, up: bool) -> None:
         h = st.health
@@ -332,7 +334,11 @@ class HealthMonitor:
                 warn_limited(log, "on_change", "health on_change callback failed", exc_info=True)
 
     def _rebuild_healthy(self) -> None:
-        self._healthy = frozenset(name for name, st in self._states.items() if st.health.up)
+        # A node not probed yet is not offered: a reload that adds a dead broker must not
+        # get clients placed (and recorded) on it during the first probe's timeout.
+        self._healthy = frozenset(
+            name for name, st in self._states.items() if st.health.up and st.health.checks > 0
+        )
 
     async def _loop(self) -> None:
         interval = self.cfg.interval

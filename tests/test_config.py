@@ -271,3 +271,13 @@ def test_load_unknown_key_in_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == "nodes[1].adress: unknown key"
+
+
+@pytest.mark.parametrize("url", ["redis://user:pa/ss@host:6379/0", "redis://:se#cret@host/0", "redis://:x?y@h:1/0"])
+def test_a_password_the_parser_misreads_never_reaches_the_error(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"redis_url": url, "nodes": [{"name": "a", "address": "127.0.0.1:1"}]})
+    # A fixed text: nothing of the URL (or the parser's message quoting it) comes back.
+    assert str(info.value) == (
+        "redis_url: invalid URL (bad port; percent-encode '/', '#', '?' and '@' in a password)"
+    )

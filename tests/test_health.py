@@ -285,6 +285,7 @@ def test_rise_fall_counts_consecutive_rounds() -> None:
         return seen
 
     async def scenario() -> None:
+        assert await rounds(True) == [True]  # the first probe makes "a" eligible
         cached = mon.healthy
         assert await rounds(True) == [True]
         assert mon.healthy is cached  # no transition, no rebuild
@@ -297,7 +298,7 @@ def test_rise_fall_counts_consecutive_rounds() -> None:
         # One success, a failure (resets), then two successes: up on the 2nd.
         assert await rounds(True, False, True, True) == [False, False, False, True]
         assert mon.healthy == {"a", "b"}
-        assert mon.status()["a"].checks == 11
+        assert mon.status()["a"].checks == 12
 
     run(scenario())
     assert changes == [("a", False), ("a", True)]
@@ -359,7 +360,7 @@ def test_update_nodes_keeps_state_and_probes_new_nodes_at_once() -> None:
                     node("d", 4),  # new
                 ]
             )  # b removed
-            assert mon.healthy == {"c", "d"}  # new/moved nodes start up
+            assert mon.healthy == frozenset()  # new/moved nodes wait for their first probe
             st = mon.status()
             assert st["a"].since == a_since and st["a"].checks == 1 and not st["a"].up
             assert "b" not in st
