@@ -11,7 +11,7 @@ Why the circuit breaker: a CONNECT cannot wait on a dead Redis. Every decision i
 nodes known to be usable (configured, healthy, not in maintenance, as of the last refresh),
 which every balancer computes identically (``none`` if no node is usable). A refused or reset
 connection opens the breaker at once, timeouts after ``TIMEOUTS_TO_TRIP`` in a row (a lone
-timeout may just be a burst queueing for a pooled connection); while it is open the engine
+timeout may just be a burst queueing behind other decisions); while it is open the engine
 does not call Redis at all. A background probe (0.1 s doubling to 2 s) closes the breaker
 as soon as Redis answers again. One warning when Redis goes away, one info line when it is
 back: an outage must not turn into a log storm.
@@ -59,8 +59,9 @@ DEFAULT_TRIM_INTERVAL = 60.0
 BACKGROUND_TIMEOUT_MIN = 0.5
 _WARN_EVERY = 60.0
 #: Consecutive timeouts (no success in between) that open the breaker. Refused/reset
-#: connections open it at once; a lone timeout under load (waiting for a pooled connection
-#: behind a burst) only falls back for that one decision.
+#: connections open it at once (so does a decision connection that stopped answering: the
+#: Store drops it); a lone timeout under load (queued behind a burst of decisions) only falls
+#: back for that one decision.
 TIMEOUTS_TO_TRIP = 3
 STOP_TIMEOUT = 5.0
 
@@ -152,7 +153,7 @@ def is_outage(exc: BaseException) -> bool:
 
 
 def is_timeout(exc: BaseException) -> bool:
-    """A timeout alone is ambiguous: a dead Redis, or just our own queue for a pooled connection."""
+    """A timeout alone is ambiguous: a dead Redis, or just our own queue of decisions under a burst."""
     return isinstance(exc, (redis.exceptions.TimeoutError, TimeoutError))
 
 

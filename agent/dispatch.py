@@ -54,7 +54,7 @@ class AffinityDispatcher:
         decision = await self._engine.decide(request)
         elapsed = time.perf_counter() - started
         self._metrics.record_decision(decision.how, decision.node, elapsed, decision.pin_ignored)
-        if decision.source == "local" and request.client_id is not None:
+        if decision.source == "local":
             self._metrics.record_redis_error(decision.error == REDIS_UNAVAILABLE)
         if decision.pin_ignored:
             warn_limited(log, f"pin-ignored-{decision.pin_ignored}",

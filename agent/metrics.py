@@ -72,7 +72,10 @@ class Metrics:
         self._node_state = Gauge(
             "mqtt_affinity_node_state", "1 for the node's current operator state", ["node", "state"], registry=r
         )
-        self._node_weight = Gauge("mqtt_affinity_node_weight", "Placement weight in force: the configured one or the operator override", ["node"], registry=r)
+        self._node_weight = Gauge(
+            "mqtt_affinity_node_weight", "Placement weight in force: the configured one or the operator override",
+            ["node"], registry=r,
+        )
         self._node_sessions = Gauge(
             "mqtt_affinity_node_sessions", "Placement records (sessions) owned by the node", ["node"], registry=r
         )

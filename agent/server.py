@@ -171,6 +171,11 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
+    def _start_pending(self) -> None:
+        # Queued NOTIFYs are in flight for HAProxy, also while closing: each gets its ACK.
+        while self._pending and len(self._tasks) < self._server.max_in_flight:
+            self._start(self._pending.popleft())
+
     async def _process(self, notify: Notify) -> None:
         dispatcher = self._server.dispatcher
         actions: list[Action] = []
@@ -201,9 +206,7 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             warn_limited(log, "task-error", "NOTIFY task failed: %r", task.exception())
-        # Also while closing: queued NOTIFYs are in flight for HAProxy and get their ACK.
-        while self._pending and len(self._tasks) < self._server.max_in_flight:
-            self._start(self._pending.popleft())
+        self._start_pending()
         self._update_reading()
         if self._closing and not self._tasks and not self._pending:
             self._finish_shutdown()
@@ -276,9 +279,7 @@ class _SpopProtocol(asyncio.BufferedProtocol):
             # Not past HELLO (or already closing): nothing in flight to finish.
             self._close_transport()
             return
-        # Frames already received but not yet started are in flight for HAProxy.
-        while self._pending and len(self._tasks) < self._server.max_in_flight:
-            self._start(self._pending.popleft())
+        self._start_pending()
         if not self._tasks and not self._pending:
             self._finish_shutdown()
 
