@@ -32,12 +32,12 @@ import os
 import socket
 import sys
 import time
-from urllib.parse import unquote, urlsplit
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -151,7 +151,7 @@ class Target:
     def close(self) -> None:
         try:
             self.client.close()
-        except Exception:  # noqa: BLE001 - closing a dead connection must not mask the real error
+        except Exception:
             pass
 
 
@@ -308,7 +308,7 @@ def _fmt_time(value: str | None) -> str:
         return "-"
     try:
         ts = float(value)
-        when = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        when = datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (ValueError, OverflowError, OSError):
         return value
     return f"{value} ({when})"
@@ -655,7 +655,7 @@ def _fetch_metrics(url: str) -> dict[str, Any]:
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT) as resp:  # noqa: S310 - operator-given URL
+    with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT) as resp:
         text = resp.read().decode("utf-8", "replace")
     decisions: dict[str, float] = {}
     fallbacks: float | None = None

@@ -13,23 +13,22 @@ import logging
 import signal
 from pathlib import Path
 
-from agent.affinity import AffinityEngine
 from agent.config import Config, ConfigError, load_config
+from agent.core import Core
 from agent.dispatch import AffinityDispatcher
 from agent.health import HealthMonitor
 from agent.http import HttpEndpoint
-from agent.logs import setup_logging
-from agent.metrics import Metrics, SpopMetricsObserver
+from agent.logs import setup_logging, warn_limited
+from agent.metrics import Metrics, SpopMetricsObserver, StateCollector
+from agent.model import ExitCode
 from agent.server import SpopServer
-from agent.store import Store
 
 log = logging.getLogger("mqtt_affinity")
 
-NODE_METRICS_INTERVAL = 2.0
 # Keys a SIGHUP cannot change without re-binding sockets or pools: a restart applies them.
 RESTART_ONLY = (
     "listen", "metrics_listen", "redis_url", "key_prefix", "redis_pool_size", "max_frame_size",
-    "max_in_flight", "health",
+    "max_in_flight", "max_connections", "health",
 )
 
 
@@ -39,10 +38,14 @@ class App:
         self.config_path = config_path
         self.metrics = Metrics()
         self.metrics.bind_nodes(n.name for n in config.nodes)
-        self.health = HealthMonitor(config.nodes, config.health, on_change=self._health_changed)
-        self.store = Store.from_config(config)
-        self.engine = AffinityEngine(config, self.store, lambda: self.health.healthy)
-        self.engine.observe_redis = self.metrics.redis_seconds.observe
+        # Node transitions are logged once, by the monitor itself.
+        self.health = HealthMonitor(config.nodes, config.health)
+        self.core = Core.build(config, lambda: self.health.healthy, observer=self.metrics)
+        self.breaker, self.refresher, self.engine = self.core.breaker, self.core.refresher, self.core.engine
+        self._sessions: dict[str, int] | None = None
+        self.metrics.registry.register(
+            StateCollector(self.engine.node_views, lambda: self.breaker.available, lambda: self._sessions)
+        )
         self.dispatcher = AffinityDispatcher(self.engine, self.metrics)
         self.server = SpopServer(
             self.dispatcher,
@@ -50,28 +53,31 @@ class App:
             config.listen[1],
             max_in_flight=config.max_in_flight,
             max_frame_size=config.max_frame_size,
+            max_connections=config.max_connections,
             observer=SpopMetricsObserver(self.metrics),
         )
         self.http: HttpEndpoint | None = None
         if config.metrics_listen is not None:
-            self.http = HttpEndpoint(config.metrics_listen[0], config.metrics_listen[1], self.metrics.render, self.ready)
+            host, port = config.metrics_listen
+            self.http = HttpEndpoint(host, port, self.render_metrics, self.ready)
         self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
 
-    # -- readiness and health ------------------------------------------------
+    # -- readiness and metrics -------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
         if not self.server.listening:
             return False, "spop: not listening"
-        if not self.engine.redis_available:
-            return False, "redis: unreachable (decisions use local fallback hashing)"
+        if not self.breaker.available:
+            return False, f"redis: unreachable ({self.breaker.reason}); decisions use local fallback hashing"
         return True, "ready"
 
-    def _health_changed(self, node: str, up: bool) -> None:
-        if up:
-            log.info("node %s is up", node)
-        else:
-            log.warning("node %s is down: new and returning clients are placed elsewhere", node)
+    async def render_metrics(self) -> bytes:
+        """One scrape: session counts are read from Redis now, the rest by the collector."""
+        self._sessions = await self.refresher.placed_counts()
+        if self._sessions is None and self.breaker.available:
+            warn_limited(log, "metrics-sessions", "metrics: session counts could not be read from Redis",
+                         interval=60.0)
+        return self.metrics.render()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -90,11 +96,10 @@ class App:
 
     async def start(self) -> None:
         await self.health.start()
-        await self.engine.start()
+        await self.core.start()
         await self.server.start()
         if self.http is not None:
             await self.http.start()
-        self._tasks.append(asyncio.create_task(self._node_metrics_loop(), name="node-metrics"))
         log.info(
             "listening: spop %s:%d, http %s, redis %s, nodes %s",
             self.config.listen[0], self.server.port,
@@ -104,14 +109,10 @@ class App:
 
     async def stop(self) -> None:
         await self.server.shutdown()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.http is not None:
             await self.http.stop()
-        await self.engine.stop()
         await self.health.stop()
-        await self.store.close()
+        await self.core.stop()
         log.info("stopped")
 
     def request_stop(self) -> None:
@@ -137,37 +138,12 @@ class App:
         # The running values stay in force (and in self.config, so the next reload compares
         # against what really runs).
         new = dataclasses.replace(new, **kept)
-        old_names = {n.name for n in self.config.nodes}
-        new_names = {n.name for n in new.nodes}
         self.health.update_nodes(new.nodes)
-        self.engine.reload(new)
-        self.metrics.bind_nodes(new_names)
-        for gone in old_names - new_names:
-            self.metrics.forget_node(gone)
+        self.core.reload(new)
+        self.metrics.bind_nodes(n.name for n in new.nodes)
         setup_logging(new.log_level, new.log_format)
         self.config = new
         log.info("reloaded %s: nodes %s", self.config_path, ",".join(n.name for n in new.nodes))
-
-    async def _node_metrics_loop(self) -> None:
-        while True:
-            try:
-                sessions = await self.engine.placed_counts()
-                status = self.health.status()
-                for view in self.engine.node_views():
-                    self.metrics.set_node(
-                        view.name,
-                        up=status[view.name].up if view.name in status else False,
-                        state=view.state,
-                        weight=view.effective_weight,
-                        sessions=sessions.get(view.name) if sessions is not None else None,
-                    )
-                self.metrics.redis_up.set(1 if self.engine.redis_available else 0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # metrics must never take the agent down
-                log.debug("node metrics refresh failed: %r", exc)
-            await asyncio.sleep(NODE_METRICS_INTERVAL)
-
 
 def run(config_path: Path) -> int:
     config = load_config(config_path)
@@ -177,4 +153,4 @@ def run(config_path: Path) -> int:
         return asyncio.run(app.run())
     except OSError as exc:
         log.error("cannot start: %s", exc)
-        return 1
+        return ExitCode.NOT_FOUND

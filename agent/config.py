@@ -29,9 +29,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
+
+from agent.endpoint import EndpointError, RedisEndpoint, redact_url
+from agent.model import DEFAULT_MAX_FRAME_SIZE, DEFAULT_PREFIX
 
 __all__ = [
     "Config",
@@ -40,6 +42,7 @@ __all__ = [
     "NodeConfig",
     "load_config",
     "parse_config",
+    "redact_url",
 ]
 
 
@@ -88,14 +91,17 @@ class Config:
     listen: tuple[str, int] = ("127.0.0.1", 12345)
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9898)
     redis_url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: str = "mqtt-affinity:"
+    key_prefix: str = DEFAULT_PREFIX
     session_ttl: int = 86400
     redis_timeout: float = 0.25
     redis_pool_size: int = 32
     state_refresh: float = 0.5
     evacuate_rate: int = 20
     max_in_flight: int = 64
-    max_frame_size: int = 16380
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    #: SPOP connections served at once; past it new ones are closed at once (HAProxy opens
+    #: ~70 per balancer under load, so the default leaves room for a dozen balancers).
+    max_connections: int = 1024
     health: HealthConfig = HealthConfig()
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
@@ -126,7 +132,6 @@ _HOSTNAME_RE = re.compile(
     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
 )
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 _TOP_KEYS = frozenset(
     {
@@ -142,6 +147,7 @@ _TOP_KEYS = frozenset(
         "evacuate_rate",
         "max_in_flight",
         "max_frame_size",
+        "max_connections",
         "health",
         "log_level",
         "log_format",
@@ -150,33 +156,6 @@ _TOP_KEYS = frozenset(
 _NODE_KEYS = frozenset({"name", "address", "weight"})
 _HEALTH_KEYS = frozenset({"check", "interval", "timeout", "rise", "fall"})
 _ADDR_KEYS = frozenset({"host", "port"})
-
-
-def redact_url(url: str) -> str:
-    """Replace the password of a URL (``user:pw@`` or ``?password=``) with ``***``.
-
-    Redis URLs routinely carry credentials and end up in logs and error
-    messages; this is the only form of the URL that may be printed.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        if ":" in userinfo:
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:***@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k.lower() == "password" for k, _ in pairs):
-            query = urlencode(
-                [(k, "***" if k.lower() == "password" else v) for k, v in pairs],
-                safe="*",
-            )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _type_name(value: object) -> str:
@@ -344,22 +323,9 @@ def _parse_nodes(value: object) -> tuple[NodeConfig, ...]:
 def _parse_redis_url(value: object) -> str:
     url = _get_str(value, "redis_url").strip()
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        # Neither the URL nor the parser's message: with a '/', '#' or '?' in the password
-        # the parser misreads it as the port and quotes it back.
-        raise ConfigError("redis_url", "invalid URL (bad port; percent-encode '/', '#', '?' and '@' in a password)") from None
-    if parts.scheme not in _REDIS_SCHEMES:
-        raise ConfigError(
-            "redis_url",
-            f"scheme must be one of {', '.join(s + '://' for s in _REDIS_SCHEMES)}, got {redact_url(url)!r}",
-        )
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise ConfigError("redis_url", "unix:// URL needs a socket path")
-    elif not parts.hostname:
-        raise ConfigError("redis_url", f"missing host in {redact_url(url)!r}")
+        RedisEndpoint.parse(url)  # redis-py's own reading, and what the hot path can honour
+    except EndpointError as exc:
+        raise ConfigError("redis_url", str(exc)) from None
     return url
 
 
@@ -407,6 +373,7 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         "evacuate_rate": (1, 100_000),
         "max_in_flight": (1, 1024),
         "max_frame_size": (256, 16_777_216),
+        "max_connections": (1, 1_000_000),
     }
     for key, (lo, hi) in int_fields.items():
         if key in data:
@@ -457,7 +424,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 
 
 _StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping  # type: ignore[arg-type]
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
 )
 
 
@@ -486,7 +453,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(source, f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(source, _yaml_problem(exc)) from None
     return parse_config(data, source)

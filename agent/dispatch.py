@@ -10,17 +10,17 @@ from __future__ import annotations
 import logging
 import time
 
-from agent.affinity import REDIS_UNAVAILABLE, AffinityEngine, Decision
+from agent.affinity import AffinityEngine, Decision
 from agent.logs import warn_limited
-from agent.metrics import HOWS, Metrics
+from agent.metrics import Metrics
+from agent.model import MESSAGE_NAME, VAR_HOW, VAR_NODE, How
 from agent.request import ConnectRequest, parse_connect
 from agent.spop import Action, Message, Scope, SetVar
 
 log = logging.getLogger("mqtt_affinity.decision")
 
-MESSAGE_NAME = "mqtt-connect"
 # Immutable, so shared by every ACK instead of rebuilt per decision.
-_HOW_ACTIONS = {how: SetVar(Scope.TRANSACTION, "how", how) for how in HOWS}
+_HOW_ACTIONS = {how: SetVar(Scope.TRANSACTION, VAR_HOW, how.value) for how in How}
 
 
 def _show_id(client_id: bytes | None) -> str:
@@ -42,20 +42,20 @@ class AffinityDispatcher:
         if action is None:
             if len(self._node_actions) > 1024:  # node names come from config, but stay bounded anyway
                 self._node_actions.clear()
-            action = self._node_actions[node] = SetVar(Scope.TRANSACTION, "node", node)
+            action = self._node_actions[node] = SetVar(Scope.TRANSACTION, VAR_NODE, node)
         return action
 
     async def handle(self, message: Message) -> list[Action]:
         if message.name != MESSAGE_NAME:
             warn_limited(log, "unknown-message", "ignoring unknown SPOE message %r", message.name[:64])
-            return [_HOW_ACTIONS["none"]]
+            return [_HOW_ACTIONS[How.NONE]]
         started = time.perf_counter()
         request = parse_connect(message.args)
         decision = await self._engine.decide(request)
         elapsed = time.perf_counter() - started
         self._metrics.record_decision(decision.how, decision.node, elapsed, decision.pin_ignored)
-        if decision.source == "local":
-            self._metrics.record_redis_error(decision.error == REDIS_UNAVAILABLE)
+        if decision.cause is not None:
+            self._metrics.record_redis_error(decision.cause)
         if decision.pin_ignored:
             warn_limited(log, f"pin-ignored-{decision.pin_ignored}",
                          "pin to node %r ignored: node is down, in maintenance or unknown", decision.pin_ignored)
@@ -68,18 +68,18 @@ class AffinityDispatcher:
     def on_error(self, message: Message, exc: BaseException) -> list[Action]:
         # A bug, not an outage (the engine absorbs Redis failures): HAProxy's
         # consistent hash on txn.cid takes over, which both balancers share.
-        self._metrics.record_decision("none", None, 0.0, None)
-        return [_HOW_ACTIONS["none"]]
+        self._metrics.record_decision(How.NONE, None, 0.0, None)
+        return [_HOW_ACTIONS[How.NONE]]
 
     @staticmethod
     def _log(request: ConnectRequest, decision: Decision, elapsed: float) -> None:
         log.debug(
             "decision client_id=%s how=%s node=%s previous=%s source=%s ms=%.3f",
-            _show_id(request.client_id), decision.how, decision.node, decision.previous, decision.source,
+            _show_id(request.client_id), decision.how.value, decision.node, decision.previous, decision.source,
             elapsed * 1000,
             extra={"fields": {
                 "client_id": _show_id(request.client_id),
-                "how": decision.how,
+                "how": decision.how.value,
                 "node": decision.node,
                 "previous": decision.previous,
                 "pin_ignored": decision.pin_ignored,

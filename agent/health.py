@@ -36,7 +36,7 @@ __all__ = [
     "probe_tcp",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mqtt_affinity.health")
 
 Probe = Callable[[NodeConfig], Awaitable[None]]
 """A probe for one node: returns on success, raises on failure."""
@@ -183,7 +183,8 @@ class HealthMonitor:
         self._probe: Probe = probe if probe is not None else self._configured_probe
         now = time.monotonic()
         self._states: dict[str, _State] = {n.name: _State(n, now) for n in nodes}
-        self._healthy: frozenset[str] = frozenset(self._states)
+        # Empty until the first probe: a node never probed is not offered.
+        self._healthy: frozenset[str] = frozenset()
         self._task: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
 
@@ -285,7 +286,7 @@ class HealthMonitor:
                 await self._probe(node)
         except TimeoutError:
             return f"timeout after {self.cfg.timeout:g}s"
-        except Exception as exc:  # noqa: BLE001 - any failure means "not healthy"
+        except Exception as exc:
             text = str(exc) or type(exc).__name__
             return f"{type(exc).__name__}: {text}" if not isinstance(exc, ProbeError) else text
         return None
@@ -330,7 +331,7 @@ class HealthMonitor:
         if self.on_change is not None:
             try:
                 self.on_change(n.name, up)
-            except Exception:  # noqa: BLE001 - a broken callback must not stop health checks
+            except Exception:
                 warn_limited(log, "on_change", "health on_change callback failed", exc_info=True)
 
     def _rebuild_healthy(self) -> None:
@@ -353,5 +354,5 @@ class HealthMonitor:
                 next_at = now + interval
             try:
                 await self.run_round()
-            except Exception:  # noqa: BLE001 - the loop must outlive any bug
+            except Exception:
                 warn_limited(log, "round", "health check round failed", exc_info=True)

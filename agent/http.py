@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -22,7 +22,9 @@ Readiness = Callable[[], tuple[bool, str]]
 
 
 class HttpEndpoint:
-    def __init__(self, host: str, port: int, render_metrics: Callable[[], bytes], ready: Readiness) -> None:
+    def __init__(
+        self, host: str, port: int, render_metrics: Callable[[], Awaitable[bytes]], ready: Readiness
+    ) -> None:
         self.host = host
         self.port = port
         self._render = render_metrics
@@ -47,7 +49,7 @@ class HttpEndpoint:
         except asyncio.LimitOverrunError:
             await self._respond(writer, 431, b"request header too large\n")
             return
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             writer.close()
             return
         parts = head.split(b"\r\n", 1)[0].split(b" ")
@@ -67,7 +69,8 @@ class HttpEndpoint:
 
     async def _route(self, writer: asyncio.StreamWriter, target: bytes, head_only: bool) -> None:
         if target == b"/metrics":
-            await self._respond(writer, 200, self._render(), CONTENT_TYPE_LATEST.encode(), head_only=head_only)
+            body = await self._render()
+            await self._respond(writer, 200, body, CONTENT_TYPE_LATEST.encode(), head_only=head_only)
         elif target == b"/healthz":
             await self._respond(writer, 200, b"ok\n", head_only=head_only)
         elif target == b"/readyz":
@@ -96,7 +99,7 @@ class HttpEndpoint:
         try:
             writer.write(header if head_only else header + body)
             await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (ConnectionError, TimeoutError):
             pass
         finally:
             writer.close()

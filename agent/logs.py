@@ -4,9 +4,9 @@ The agent is a long-lived daemon in the connect path: its failure modes
 (Redis unreachable, a broker flapping, a peer sending malformed SPOP frames)
 repeat thousands of times per second. Logging every occurrence would fill
 disks and hide the first, useful, message, so repeated conditions go through
-:func:`warn_limited` / :class:`RateLimitedLogger`: the first occurrence per
-key is logged, then at most one line per interval carrying the number of
-repeats suppressed in between.
+one helper, :class:`RateLimiter` (and :func:`warn_limited`, its shared
+instance): the first occurrence per key is logged, then at most one line per
+interval carrying the number of repeats suppressed in between.
 
 Structured context is passed as ``extra={"fields": {...}}``; the JSON
 format emits those fields as top-level keys, the text format appends them
@@ -21,12 +21,13 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from datetime import datetime, timezone
-from typing import Any, Callable, Literal, Mapping, TextIO
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Literal, TextIO
 
 __all__ = [
     "JsonFormatter",
-    "RateLimitedLogger",
+    "RateLimiter",
     "TextFormatter",
     "reset_rate_limits",
     "setup_logging",
@@ -46,7 +47,7 @@ _RESERVED = frozenset({"ts", "level", "logger", "msg", "exc"})
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    dt = datetime.fromtimestamp(record.created, tz=timezone.utc)
+    dt = datetime.fromtimestamp(record.created, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(record.msecs):03d}Z"
 
 
@@ -138,86 +139,41 @@ class _Entry:
         self.suppressed = 0
 
 
-class RateLimitedLogger:
-    """Log a recurring condition once per ``interval`` per key.
+class RateLimiter:
+    """Log a recurring condition once per interval per key: the project's one rate-limited logger.
 
-    ``key`` identifies the *condition* (``"redis-down"``,
-    ``"bad-frame:<peer>"``), not the message text, so messages that differ
-    only in details still collapse. At most ``max_keys`` keys are remembered
-    (least recently logged evicted) so keys derived from peer addresses cannot
-    grow memory without bound. ``clock`` is injectable for tests.
+    ``key`` names the *condition* (``"redis-down"``, ``"protocol-error-4"``), not the message
+    text, so messages that differ only in details collapse; keys are scoped per logger name.
+    At most ``max_keys`` keys are remembered (least recently logged evicted), so keys derived
+    from peer data cannot grow memory without bound. ``clock`` is injectable for tests.
     """
 
-    def __init__(
-        self,
-        logger: logging.Logger,
-        interval: float = 10.0,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        max_keys: int = 1024,
-    ) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._limiter = _Limiter(clock, max_keys)
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = 4096) -> None:
+        self.clock = clock
+        self.max_keys = max_keys
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        # The agent is asyncio, but redis-py and the interpreter may log from threads.
+        self._lock = threading.Lock()
 
     def log(
         self,
-        level: int,
+        logger: logging.Logger,
         key: str,
         msg: str,
         *args: object,
+        interval: float = 10.0,
+        level: int = logging.WARNING,
         fields: Mapping[str, Any] | None = None,
         exc_info: Any = None,
     ) -> bool:
         """Log unless suppressed; returns whether a line was emitted."""
-        return self._emit(level, key, msg, args, fields, exc_info)
-
-    def debug(self, key: str, msg: str, *args: object, fields: Mapping[str, Any] | None = None,
-              exc_info: Any = None) -> bool:
-        return self._emit(logging.DEBUG, key, msg, args, fields, exc_info)
-
-    def info(self, key: str, msg: str, *args: object, fields: Mapping[str, Any] | None = None,
-             exc_info: Any = None) -> bool:
-        return self._emit(logging.INFO, key, msg, args, fields, exc_info)
-
-    def warning(self, key: str, msg: str, *args: object, fields: Mapping[str, Any] | None = None,
-                exc_info: Any = None) -> bool:
-        return self._emit(logging.WARNING, key, msg, args, fields, exc_info)
-
-    def error(self, key: str, msg: str, *args: object, fields: Mapping[str, Any] | None = None,
-              exc_info: Any = None) -> bool:
-        return self._emit(logging.ERROR, key, msg, args, fields, exc_info)
+        return self._emit(logger, level, key, msg, args, interval, fields, exc_info, stacklevel=3)
 
     def _emit(
         self,
-        level: int,
-        key: str,
-        msg: str,
-        args: tuple[object, ...],
-        fields: Mapping[str, Any] | None,
-        exc_info: Any,
-    ) -> bool:
-        # Frames: _Limiter.emit(1) <- _emit(2) <- public method(3) <- caller(4).
-        return self._limiter.emit(
-            self.logger, level, (self.logger.name, key), msg, args, self.interval,
-            fields, exc_info, stacklevel=4,
-        )
-
-
-class _Limiter:
-    def __init__(self, clock: Callable[[], float], max_keys: int) -> None:
-        self.clock = clock
-        self.max_keys = max_keys
-        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
-        # The agent is asyncio, but the metrics HTTP server and redis-py may
-        # log from threads; the check-and-update must be atomic.
-        self._lock = threading.Lock()
-
-    def emit(
-        self,
         logger: logging.Logger,
         level: int,
-        key: tuple[str, str],
+        key: str,
         msg: str,
         args: tuple[object, ...],
         interval: float,
@@ -229,10 +185,11 @@ class _Limiter:
         if not logger.isEnabledFor(level):
             return False
         now = self.clock()
+        full_key = (logger.name, key)
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._entries.get(full_key)
             if entry is None:
-                self._entries[key] = _Entry(now)
+                self._entries[full_key] = _Entry(now)
                 if len(self._entries) > self.max_keys:
                     self._entries.popitem(last=False)
                 suppressed = 0
@@ -240,7 +197,7 @@ class _Limiter:
                 suppressed = entry.suppressed
                 entry.last = now
                 entry.suppressed = 0
-                self._entries.move_to_end(key)
+                self._entries.move_to_end(full_key)
             else:
                 entry.suppressed += 1
                 return False
@@ -252,8 +209,8 @@ class _Limiter:
             msg = msg + " (%d similar suppressed)"
             args = (*args, suppressed)
             extra_fields["suppressed"] = suppressed
-        # stacklevel attributes the record (funcName, lineno) to the code that
-        # hit the condition rather than to this module.
+        # stacklevel attributes the record (funcName, lineno) to the code that hit the
+        # condition rather than to this module.
         logger.log(
             level, msg, *args, extra={"fields": extra_fields} if extra_fields else None,
             exc_info=exc_info, stacklevel=stacklevel,
@@ -265,7 +222,7 @@ class _Limiter:
             self._entries.clear()
 
 
-_default = _Limiter(time.monotonic, 4096)
+_default = RateLimiter()
 
 
 def warn_limited(
@@ -278,16 +235,11 @@ def warn_limited(
     fields: Mapping[str, Any] | None = None,
     exc_info: Any = None,
 ) -> bool:
-    """Module-level shortcut for rate-limited logging with a shared key table.
-
-    Keys are scoped per logger name. Returns whether a line was emitted.
-    """
-    # Frames: _Limiter.emit(1) <- warn_limited(2) <- caller(3).
-    return _default.emit(
-        logger, level, (logger.name, key), msg, args, interval, fields, exc_info, stacklevel=3
-    )
+    """The process-wide :class:`RateLimiter`. Returns whether a line was emitted."""
+    # Frames: _emit(1) <- warn_limited(2) <- caller(3).
+    return _default._emit(logger, level, key, msg, args, interval, fields, exc_info, stacklevel=3)
 
 
 def reset_rate_limits() -> None:
-    """Forget all keys of :func:`warn_limited` (tests, or after a reload)."""
+    """Forget all keys of :func:`warn_limited` (tests)."""
     _default.reset()

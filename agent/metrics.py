@@ -1,23 +1,29 @@
-"""Prometheus metrics, bound once.
+"""Prometheus metrics: counters bound once, state read at scrape time.
 
 prometheus-client's ``labels()`` takes a lock and a dict lookup per call, so
 every label combination the hot path touches is resolved here, at start-up
 (or on a SIGHUP reload for per-node series). Label values are always drawn
 from closed sets (decision outcomes, frame kinds, status codes, configured
 node names): a client id never becomes a label.
+
+Metrics that reflect state (node health, state, weight, sessions; Redis up) are
+not pushed by a loop: :class:`StateCollector` reads them when Prometheus scrapes.
 """
 
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from agent import __version__
+from agent.affinity import FallbackCause
+from agent.model import How, NodeState
+from agent.rules import NodeView
 
-HOWS = ("hit", "assigned", "moved", "pinned", "fallback", "none")
-NODE_STATES = ("active", "drain", "evacuate", "maintenance")
 FRAME_KINDS = ("hello", "notify", "disconnect", "ack")
 # Decisions take 0.1-2 ms normally; the tail up to HAProxy's processing timeout matters.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5)
@@ -32,7 +38,7 @@ class Metrics:
             {"version": __version__, "python": platform.python_version()}
         )
         self._decisions = Counter("mqtt_affinity_decisions", "Placement decisions by outcome", ["how"], registry=r)
-        self.decisions = {how: self._decisions.labels(how) for how in HOWS}
+        self.decisions = {how: self._decisions.labels(how.value) for how in How}
         self.decision_seconds = Histogram(
             "mqtt_affinity_decision_seconds", "Time to decide one CONNECT, Redis included",
             buckets=LATENCY_BUCKETS, registry=r,
@@ -43,12 +49,13 @@ class Metrics:
         self._redis_errors = Counter(
             "mqtt_affinity_redis_errors", "Decisions that could not use Redis, by cause", ["cause"], registry=r
         )
-        self.redis_errors = {c: self._redis_errors.labels(c) for c in ("error", "unavailable")}
-        self.redis_up = Gauge("mqtt_affinity_redis_up", "1 while Redis answers", registry=r)
+        self.redis_errors = {c: self._redis_errors.labels(c.value) for c in FallbackCause}
         self.fallbacks = Counter(
             "mqtt_affinity_fallbacks", "Decisions answered by local hashing because Redis was unavailable", registry=r
         )
-        self._moves = Counter("mqtt_affinity_moves", "Clients re-placed on another node, by new node", ["node"], registry=r)
+        self._moves = Counter(
+            "mqtt_affinity_moves", "Clients re-placed on another node, by new node", ["node"], registry=r
+        )
         self._pins = Counter("mqtt_affinity_pins_honoured", "Pins followed, by node", ["node"], registry=r)
         self._pins_ignored = Counter(
             "mqtt_affinity_pins_ignored", "Pins ignored because their node was down or unknown", ["node"], registry=r
@@ -68,17 +75,6 @@ class Metrics:
         self._disconnects = Counter(
             "mqtt_affinity_spop_disconnects", "SPOP disconnects by side and status code", ["side", "status"], registry=r
         )
-        self._node_up = Gauge("mqtt_affinity_node_up", "1 while the broker node passes health checks", ["node"], registry=r)
-        self._node_state = Gauge(
-            "mqtt_affinity_node_state", "1 for the node's current operator state", ["node", "state"], registry=r
-        )
-        self._node_weight = Gauge(
-            "mqtt_affinity_node_weight", "Placement weight in force: the configured one or the operator override",
-            ["node"], registry=r,
-        )
-        self._node_sessions = Gauge(
-            "mqtt_affinity_node_sessions", "Placement records (sessions) owned by the node", ["node"], registry=r
-        )
         self.moves: dict[str, Counter] = {}
         self.pins: dict[str, Counter] = {}
         self.pins_ignored: dict[str, Counter] = {}
@@ -87,7 +83,7 @@ class Metrics:
 
     def bind_nodes(self, names: Iterable[str]) -> None:
         """(Re)bind the per-node children; unknown names count under ``_other``."""
-        names = list(names) + [OTHER_NODE]
+        names = [*names, OTHER_NODE]
         self.moves = {n: self._moves.labels(n) for n in names}
         self.pins = {n: self._pins.labels(n) for n in names}
         self.pins_ignored = {n: self._pins_ignored.labels(n) for n in names}
@@ -97,47 +93,77 @@ class Metrics:
     def _pick(children: dict[str, Counter], node: str) -> Counter:
         return children.get(node) or children[OTHER_NODE]
 
-    def record_decision(self, how: str, node: str | None, seconds: float, pin_ignored: str | None) -> None:
+    def record_decision(self, how: How, node: str | None, seconds: float, pin_ignored: str | None) -> None:
         self.decisions[how].inc()
         self.decision_seconds.observe(seconds)
         if node:
             self._pick(self.routed, node).inc()
-            if how == "moved":
+            if how is How.MOVED:
                 self._pick(self.moves, node).inc()
-            elif how == "pinned":
+            elif how is How.PINNED:
                 self._pick(self.pins, node).inc()
         if pin_ignored:
             self._pick(self.pins_ignored, pin_ignored).inc()
-        if how == "fallback":
+        if how is How.FALLBACK:
             self.fallbacks.inc()
 
-    def record_redis_error(self, breaker_open: bool) -> None:
+    def record_redis_error(self, cause: FallbackCause) -> None:
         """A decision that did not get its answer from Redis: an error now, or an open breaker."""
-        self.redis_errors["unavailable" if breaker_open else "error"].inc()
+        self.redis_errors[cause].inc()
 
-    def set_node(self, name: str, *, up: bool, state: str, weight: float, sessions: int | None = None) -> None:
-        """Called by the periodic refresh, not the hot path."""
-        self._node_up.labels(name).set(1 if up else 0)
-        for s in NODE_STATES:
-            self._node_state.labels(name, s).set(1 if s == state else 0)
-        self._node_weight.labels(name).set(weight)
-        if sessions is not None:
-            self._node_sessions.labels(name).set(sessions)
-
-    def forget_node(self, name: str) -> None:
-        for gauge in (self._node_up, self._node_weight, self._node_sessions):
-            try:
-                gauge.remove(name)
-            except KeyError:
-                pass
-        for s in NODE_STATES:
-            try:
-                self._node_state.remove(name, s)
-            except KeyError:
-                pass
+    def redis_round_trip(self, seconds: float) -> None:
+        """The engine's observer hook."""
+        self.redis_seconds.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StateCollector(Collector):
+    """Node and Redis state, read when Prometheus scrapes (nothing pushes these).
+
+    ``views`` gives every configured node as the engine sees it, ``redis_up`` the breaker's
+    state, ``sessions`` the per-node session counts fetched for this scrape (None when Redis
+    could not answer: the series is then absent rather than stale).
+    """
+
+    def __init__(
+        self,
+        views: Callable[[], list[NodeView]],
+        redis_up: Callable[[], bool],
+        sessions: Callable[[], Mapping[str, int] | None],
+    ) -> None:
+        self._views = views
+        self._redis_up = redis_up
+        self._sessions = sessions
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # unchecked collector: its series follow the node list
+
+    def collect(self) -> Iterator[Metric]:
+        views = self._views()
+        sessions = self._sessions()
+        up = GaugeMetricFamily("mqtt_affinity_node_up", "1 while the broker node passes health checks",
+                               labels=["node"])
+        state = GaugeMetricFamily("mqtt_affinity_node_state", "1 for the node's current operator state",
+                                  labels=["node", "state"])
+        weight = GaugeMetricFamily(
+            "mqtt_affinity_node_weight", "Placement weight in force: the configured one or the operator override",
+            labels=["node"])
+        placed = GaugeMetricFamily("mqtt_affinity_node_sessions", "Placement records (sessions) owned by the node",
+                                   labels=["node"])
+        for v in views:
+            up.add_metric([v.name], 1 if v.healthy else 0)
+            for s in NodeState:
+                state.add_metric([v.name, s.value], 1 if v.state == s else 0)
+            weight.add_metric([v.name], v.weight_override if v.weight_override is not None else v.configured_weight)
+            if sessions is not None and v.name in sessions:
+                placed.add_metric([v.name], sessions[v.name])
+        yield up
+        yield state
+        yield weight
+        yield placed
+        yield GaugeMetricFamily("mqtt_affinity_redis_up", "1 while Redis answers", value=1 if self._redis_up() else 0)
 
 
 class SpopMetricsObserver:

@@ -13,23 +13,50 @@ everything that is not per-CONNECT (node overrides, trims, the CLI).
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ["PipelinedRedis", "RedisReplyError", "encode_command", "parse_redis_url"]
+from agent.endpoint import PipeTarget
 
+__all__ = [
+    "NoScriptError",
+    "PipelinedRedis",
+    "RedisBackpressure",
+    "RedisReplyError",
+    "encode_command",
+    "reply_error",
+]
 
-# Outages surface as redis-py's ConnectionError, so the Store raises one exception type for
+# Outages surface as redis-py's ConnectionError, so the store raises one exception type for
 # "Redis is not answering" whichever client carried the command.
+
+#: Unsent bytes allowed to queue while Redis does not read (the transport paused our writes).
+#: Past it new commands fail at once instead of growing the buffer.
+MAX_UNSENT = 4 * 1024 * 1024
 
 
 class RedisReplyError(Exception):
-    """Redis answered with an error reply (e.g. NOSCRIPT, WRONGTYPE)."""
+    """Redis answered with an error reply (e.g. WRONGTYPE)."""
+
+
+class NoScriptError(RedisReplyError):
+    """NOSCRIPT: the script is not loaded (Redis restarted, or SCRIPT FLUSH)."""
+
+
+class RedisBackpressure(TimeoutError):
+    """Redis has not been reading our commands: counted as a timeout, not an outage."""
+
+
+_REPLY_ERRORS: dict[str, type[RedisReplyError]] = {"NOSCRIPT": NoScriptError}
+
+
+def reply_error(err: RedisReplyError) -> RedisReplyError:
+    """The specific class of an error reply, by its first word (hiredis gives one class for all)."""
+    cls = _REPLY_ERRORS.get(str(err).split(" ", 1)[0])
+    return cls(*err.args) if cls is not None else err
 
 
 def encode_command(args: tuple[bytes | str | int | float, ...]) -> bytes:
@@ -44,32 +71,6 @@ def encode_command(args: tuple[bytes | str | int | float, ...]) -> bytes:
             b = str(a).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(out)
-
-
-def parse_redis_url(url: str) -> dict[str, Any]:
-    """host/port/path, db, username, password and TLS from a redis://, rediss:// or unix:// URL."""
-    u = urlparse(url)
-    if u.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"unsupported Redis URL scheme {u.scheme!r}")
-    opts: dict[str, Any] = {
-        "username": unquote(u.username) if u.username else None,
-        "password": unquote(u.password) if u.password else None,
-        "tls": u.scheme == "rediss",
-        "db": 0,
-        "path": None,
-        "host": u.hostname or "127.0.0.1",
-        "port": u.port or 6379,
-    }
-    query = dict(p.split("=", 1) for p in u.query.split("&") if "=" in p)
-    if u.scheme == "unix":
-        opts["path"] = u.path
-        opts["db"] = int(query.get("db", 0))
-    else:
-        path = u.path.lstrip("/")
-        opts["db"] = int(path) if path else int(query.get("db", 0))
-    if "password" in query and not opts["password"]:
-        opts["password"] = unquote(query["password"])
-    return opts
 
 
 class _Protocol(asyncio.Protocol):
@@ -110,9 +111,18 @@ class _Protocol(asyncio.Protocol):
             # arrives in its place and is skipped, so the stream stays in step.
             if not fut.done():
                 if isinstance(reply, RedisReplyError):
-                    fut.set_exception(reply)
+                    fut.set_exception(reply_error(reply))
                 else:
                     fut.set_result(reply)
+
+    def pause_writing(self) -> None:
+        if self._current():
+            self._owner._write_paused = True
+
+    def resume_writing(self) -> None:
+        if self._current():
+            self._owner._write_paused = False
+            self._owner._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A connection replaced since (after a stall) must not fail its successor.
@@ -133,8 +143,8 @@ class PipelinedRedis:
     instead of feeding a dead socket.
     """
 
-    def __init__(self, url: str, *, connect_timeout: float = 1.0) -> None:
-        self._opts = parse_redis_url(url)
+    def __init__(self, target: PipeTarget, *, connect_timeout: float = 1.0) -> None:
+        self._target = target
         self._connect_timeout = connect_timeout
         self._proto: _Protocol | None = None
         self._ready = False
@@ -144,6 +154,8 @@ class PipelinedRedis:
         self._timer: asyncio.TimerHandle | None = None
         self._last_reply = 0.0
         self._out: list[bytes] = []
+        self._unsent = 0
+        self._write_paused = False
         self._flush_scheduled = False
         self._connecting: asyncio.Future[None] | None = None
 
@@ -181,24 +193,21 @@ class PipelinedRedis:
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
-        o = self._opts
+        t = self._target
         self._fail(RedisConnectionError("reconnecting"))  # whatever was left of the previous one
         proto = _Protocol(self)
         self._proto = proto
-        if o["path"]:
-            await loop.create_unix_connection(lambda: proto, o["path"])
+        if t.path is not None:
+            await loop.create_unix_connection(lambda: proto, t.path)
         else:
-            ctx = ssl.create_default_context() if o["tls"] else None
-            await loop.create_connection(lambda: proto, o["host"], o["port"], ssl=ctx)
+            assert t.host is not None
+            await loop.create_connection(
+                lambda: proto, t.host, t.port, ssl=t.ssl, server_hostname=t.server_hostname
+            )
         # Not ready until authenticated and on the right database: decisions must
         # never run before AUTH or against database 0 by mistake.
-        if o["password"]:
-            if o["username"]:
-                await self._enqueue(("AUTH", o["username"], o["password"]), None)
-            else:
-                await self._enqueue(("AUTH", o["password"]), None)
-        if o["db"]:
-            await self._enqueue(("SELECT", o["db"]), None)
+        for command in t.setup_commands():
+            await self._enqueue(command, None)
         if self._proto is proto:
             self._ready = True
 
@@ -212,16 +221,24 @@ class PipelinedRedis:
         expire late; the agent uses one value.
         """
         if not self.connected:
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            fut.set_exception(RedisConnectionError("not connected to Redis"))
-            return fut
+            return self._failed(RedisConnectionError("not connected to Redis"))
+        if self._unsent > MAX_UNSENT:
+            return self._failed(RedisBackpressure(f"Redis is not reading: {self._unsent} bytes unsent"))
         return self._enqueue(args, timeout)
+
+    @staticmethod
+    def _failed(exc: Exception) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.set_exception(exc)
+        return fut
 
     def _enqueue(self, args: tuple[bytes | str | int | float, ...], timeout: float | None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._waiting.append(fut)
-        self._out.append(encode_command(args))
+        data = encode_command(args)
+        self._out.append(data)
+        self._unsent += len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -253,10 +270,11 @@ class PipelinedRedis:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._out:
-            return
+        if not self._out or self._write_paused:
+            return  # resume_writing flushes what waited
         data = b"".join(self._out)
         self._out.clear()
+        self._unsent = 0
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
@@ -266,6 +284,8 @@ class PipelinedRedis:
         proto, self._proto = self._proto, None
         self._ready = False
         self._out.clear()
+        self._unsent = 0
+        self._write_paused = False
         self._deadlines.clear()
         if self._timer is not None:
             self._timer.cancel()

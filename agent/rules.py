@@ -136,13 +136,13 @@ def eligibility(
         if node.name not in healthy:
             continue
         state = overrides.state(node.name)
-        if state is NodeState.MAINTENANCE:
+        if state == NodeState.MAINTENANCE:
             continue
         weight = overrides.weights.get(node.name, node.weight)
         usable_pairs.append((node.name, weight))
-        if state is NodeState.ACTIVE and weight > 0:
+        if state == NodeState.ACTIVE and weight > 0:
             placeable.append((node.name, weight))
-        elif state is NodeState.EVACUATE:
+        elif state == NodeState.EVACUATE:
             evacuating[node.name] = overrides.rates.get(node.name, default_rate)
     fallback = _weighted(usable_pairs)
     return Eligibility(
@@ -202,7 +202,7 @@ def _unusable_reason(node: str, elig: Eligibility, known: frozenset[str] | None,
                      overrides: NodeOverrides) -> str:
     if known is not None and node not in known:
         return "unknown"
-    if overrides.state(node) is NodeState.MAINTENANCE:
+    if overrides.state(node) == NodeState.MAINTENANCE:
         return "in maintenance"
     return "down"
 
@@ -238,7 +238,7 @@ def predict(
                                prefix + f"{owner} is evacuating: moves to {candidate} "
                                f"(within the shared budget of {rate}/s, else stays this time)",
                                previous=owner, pin_ignored=pin_ignored, budgeted=persistent)
-            if overrides.state(owner) is NodeState.DRAIN:
+            if overrides.state(owner) == NodeState.DRAIN:
                 return Outcome(owner, How.HIT, prefix + f"{owner} is draining: stays", pin_ignored=pin_ignored)
             return Outcome(owner, How.HIT, prefix + f"sticks to owner {owner}", pin_ignored=pin_ignored)
         reason = _unusable_reason(owner, elig, known, overrides)

@@ -3,9 +3,13 @@
 This module only moves bytes and tasks: every protocol decision lives in
 ``agent.spop``. Three guarantees matter to operators and are enforced here:
 
-* Bounded memory. Each connection reads into a buffer no larger than the
-  codec's ``room`` (one frame at most), and stops reading while its in-flight
-  limit is reached or while HAProxy is not draining our writes.
+* Bounded memory. Reads go into one buffer shared by every connection, never
+  more than the codec's ``room`` (one frame at most): asyncio calls
+  ``get_buffer``, ``recv_into`` and ``buffer_updated`` back to back, and the
+  codec copies what it keeps, so an idle connection costs no read buffer. A
+  connection stops reading while its in-flight limit is reached or while
+  HAProxy is not draining our writes, and at most ``max_connections`` are
+  served at once.
 * Whole frames. Every frame the codec produces goes to the transport in one
   ``write()``; frames finished in the same loop iteration are coalesced into
   one write (never split). HAProxy 3.2 resets connections on split frames.
@@ -21,6 +25,7 @@ from collections import deque
 from typing import Protocol, cast
 
 from agent.logs import warn_limited
+from agent.model import DEFAULT_MAX_FRAME_SIZE
 from agent.spop import (
     Ack,
     Action,
@@ -77,8 +82,7 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         self._server = server
         self._conn = SpopConnection(max_frame_size=server.max_frame_size)
         self._transport: asyncio.Transport | None = None
-        self._buf = bytearray(4 + server.max_frame_size)
-        self._view = memoryview(self._buf)
+        self._view = server._read_view
         self._pending: deque[Notify] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._out: list[bytes] = []
@@ -97,7 +101,16 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
-        self._server._connections.add(self)
+        server = self._server
+        if len(server._connections) >= server.max_connections:
+            server.refused += 1
+            warn_limited(log, "max-connections",
+                         "max_connections (%d) reached: closing the new SPOP connection from %s",
+                         server.max_connections, self.peer)
+            self._conn.receive_data(b"")  # nothing will be read from it
+            self._transport.abort()
+            return
+        server._connections.add(self)
         self._server.observer.connection_opened()
         if self._server.stopping:
             self._disconnect(Status.NORMAL, "agent is shutting down")
@@ -126,8 +139,9 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         if self._conn.state is not State.CLOSED:
             self._conn.receive_data(b"")  # EOF never raises
         self._abort_work()
-        self._server._connections.discard(self)
-        self._server.observer.connection_closed()
+        if self in self._server._connections:
+            self._server._connections.discard(self)
+            self._server.observer.connection_closed()
         if not self._drained.done():
             self._drained.set_result(None)
 
@@ -308,7 +322,8 @@ class SpopServer:
         port: int,
         *,
         max_in_flight: int = 64,
-        max_frame_size: int = 16380,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_connections: int = 1024,
         observer: ServerObserver | None = None,
         backlog: int = 1024,
     ) -> None:
@@ -317,6 +332,11 @@ class SpopServer:
         self.port = port
         self.max_in_flight = max_in_flight
         self.max_frame_size = max_frame_size
+        self.max_connections = max_connections
+        #: Connections closed at once because max_connections were open.
+        self.refused = 0
+        # The one read buffer (see the module docstring): 4-byte length prefix + one frame.
+        self._read_view = memoryview(bytearray(4 + max_frame_size))
         self.observer: ServerObserver = observer or NullObserver()
         self.backlog = backlog
         self.stopping = False
@@ -354,7 +374,7 @@ class SpopServer:
         for conn in conns:
             conn.begin_shutdown()
         if conns:
-            done, not_done = await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=grace)
+            await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=grace)
             for conn in conns:
                 if not conn._drained.done():
                     log.warning("SPOP connection %s did not finish within %.1fs; closing it", conn.peer, grace)

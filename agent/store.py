@@ -34,6 +34,9 @@ key or another kind of key. Operators read and write these with redis-cli.
 ``P evac:<node>:<unix second>``  STRING counter (INCR, EXPIRE 2); the second is Redis's own clock (TIME)
     The evacuation budget for one second, shared by every agent.
 
+Key names are built by :class:`agent.model.Keys` only; the script gets the ``how`` values and
+the infixes from the prelude :func:`agent.model.lua_prelude` generates.
+
 The script derives ``placed:`` and ``evac:`` key names from ``P`` itself, so it needs a single
 Redis (or a primary with replicas), not Redis Cluster.
 
@@ -47,72 +50,36 @@ Operator examples::
 from __future__ import annotations
 
 import asyncio
-import math
+import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import redis.asyncio as aioredis
+from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
-
-from agent.redis_pipe import PipelinedRedis, RedisReplyError
 from redis.backoff import NoBackoff
-from redis.maint_notifications import MaintNotificationsConfig
 
-if TYPE_CHECKING:
-    from agent.config import Config
+from agent.config import Config
+from agent.endpoint import RedisEndpoint
+from agent.model import SCRIPT_HOWS, How, Keys, lua_prelude
+from agent.redis_pipe import NoScriptError, PipelinedRedis
+from agent.rules import NodeOverrides, parse_overrides
 
-__all__ = [
-    "Store",
-    "StoreDecision",
-    "NodeOverrides",
-    "NODE_STATES",
-    "NO_EXPIRY_SCORE",
-    "owner_key",
-    "pin_key",
-    "placed_key",
-    "load_script",
-]
-
-NODE_STATES = frozenset({"active", "drain", "evacuate", "maintenance"})
-#: ZSET score used in ``placed:<node>`` for records that never expire.
-NO_EXPIRY_SCORE = 1e18
-_HOWS = frozenset({"hit", "assigned", "moved", "pinned", "none"})
-
-
-def owner_key(prefix: str, cid: bytes) -> bytes:
-    return prefix.encode("utf-8") + b"owner:" + cid
-
-
-def pin_key(prefix: str, cid: bytes) -> bytes:
-    return prefix.encode("utf-8") + b"pin:" + cid
-
-
-def placed_key(prefix: str, node: str) -> bytes:
-    return prefix.encode("utf-8") + b"placed:" + node.encode("utf-8")
+__all__ = ["RedisStore", "StoreDecision", "load_script"]
 
 
 def load_script(name: str = "decide.lua") -> str:
-    """Lua source shipped as package data (``agent/lua/*.lua``)."""
-    return resources.files("agent").joinpath("lua", name).read_text(encoding="utf-8")
+    """Lua source shipped as package data (``agent/lua/*.lua``), after the vocabulary prelude."""
+    return lua_prelude() + resources.files("agent").joinpath("lua", name).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True, slots=True)
 class StoreDecision:
     node: str | None
-    how: str
+    how: How
     previous: str | None = None
     pin_ignored: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class NodeOverrides:
-    """Operator overrides read from Redis; invalid entries are dropped, not fatal."""
-
-    states: dict[str, str] = field(default_factory=dict)
-    weights: dict[str, float] = field(default_factory=dict)
-    rates: dict[str, int] = field(default_factory=dict)
 
 
 def _text(value: Any) -> str:
@@ -121,79 +88,47 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _opt(value: Any) -> str | None:
-    s = _text(value) if value is not None else ""
-    return s or None
-
-
-def parse_overrides(
-    states: Mapping[Any, Any], weights: Mapping[Any, Any], rates: Mapping[Any, Any]
-) -> NodeOverrides:
-    """Raw HGETALL replies -> NodeOverrides. Pure, so the validation rules are unit-testable."""
-    out_states: dict[str, str] = {}
-    for k, v in states.items():
-        s = _text(v).strip().lower()
-        if s in NODE_STATES:
-            out_states[_text(k)] = s
-    out_weights: dict[str, float] = {}
-    for k, v in weights.items():
-        try:
-            w = float(_text(v).strip())
-        except ValueError:
-            continue
-        if math.isfinite(w) and w >= 0:
-            out_weights[_text(k)] = w
-    out_rates: dict[str, int] = {}
-    for k, v in rates.items():
-        try:
-            r = int(float(_text(v).strip()))
-        except (ValueError, OverflowError):
-            continue
-        if r >= 0:
-            out_rates[_text(k)] = r
-    return NodeOverrides(out_states, out_weights, out_rates)
-
-
-class Store:
+class RedisStore:
     """Async Redis access for the agent. Errors propagate: the engine owns fallback policy."""
 
     def __init__(
         self,
-        url: str,
+        endpoint: RedisEndpoint | str,
         *,
         key_prefix: str = "mqtt-affinity:",
         timeout: float = 0.05,
         pool_size: int = 32,
-        health_check_interval: float = 5.0,
+        health_check_interval: int = 5,
         connect_timeout: float | None = None,
     ) -> None:
-        self.prefix = key_prefix
+        if isinstance(endpoint, str):
+            endpoint = RedisEndpoint.parse(endpoint)
+        self.endpoint = endpoint
+        self.keys = Keys(key_prefix)
         self._timeout = timeout
-        self._prefix_b = key_prefix.encode("utf-8")
-        # BlockingConnectionPool: the plain pool raises MaxConnectionsError past its size under
-        # load; here excess callers queue (bounded by the engine's overall timeout).
-        # No retries: a retry would only spend the caller's 50 ms budget; the engine falls back.
-        # Socket timeouts are a floor above the per-call budget: the engine's asyncio.timeout is
-        # the real limit, these only stop a wedged socket from living forever.
+        # Socket timeouts are a floor above the per-call budget: the caller's timeout is the
+        # real limit, these only stop a wedged socket from living forever.
         sock_timeout = max(timeout * 4, 0.25)
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            url,
+        connect_timeout = connect_timeout if connect_timeout is not None else sock_timeout
+        # BlockingConnectionPool: the plain pool raises MaxConnectionsError past its size under
+        # load; here excess callers queue (bounded by the caller's timeout). No retries: a
+        # retry would only spend the caller's budget; the engine falls back.
+        self._pool = endpoint.async_pool(
             max_connections=pool_size,
-            timeout=max(timeout * 4, 0.25),
+            timeout=sock_timeout,
             socket_timeout=sock_timeout,
-            socket_connect_timeout=connect_timeout if connect_timeout is not None else sock_timeout,
+            socket_connect_timeout=connect_timeout,
             health_check_interval=health_check_interval,
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
-            # Off: with "auto" every new connection spends a round trip on CLIENT
-            # MAINT_NOTIFICATIONS, which plain Redis answers with an error.
-            maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
-        self._redis = aioredis.Redis(connection_pool=self._pool)
-        self._decide = self._redis.register_script(load_script("decide.lua"))
+        self._redis = Redis(connection_pool=self._pool)
+        self._script = load_script("decide.lua")
+        # EVALSHA first: Redis has the script unless it restarted (then NOSCRIPT loads it).
+        self._sha = hashlib.sha1(self._script.encode("utf-8")).hexdigest()
         # Decisions (the per-CONNECT hot path) go over one pipelined connection instead of
         # the pool: about 2x the throughput at concurrency 64, and no pool to starve.
-        self._pipe = PipelinedRedis(url, connect_timeout=connect_timeout if connect_timeout is not None else sock_timeout)
+        self._pipe = PipelinedRedis(endpoint.pipe_target(), connect_timeout=connect_timeout)
         # A FIFO gate in front of the pool: redis-py's BlockingConnectionPool waits on an
         # asyncio.Condition, which is unfair: a task that just released a connection takes it
         # straight back, and under a sustained burst the woken waiters starve past their
@@ -202,18 +137,22 @@ class Store:
         self._gate = asyncio.Semaphore(pool_size)
 
     @classmethod
-    def from_config(cls, config: Config) -> Store:
+    def from_config(cls, config: Config) -> RedisStore:
         return cls(
-            config.redis_url,
+            RedisEndpoint.parse(config.redis_url),
             key_prefix=config.key_prefix,
             timeout=config.redis_timeout,
             pool_size=config.redis_pool_size,
         )
 
     @property
-    def redis(self) -> aioredis.Redis:
-        """The underlying client, for tests and admin tooling."""
+    def redis(self) -> Redis:
+        """The redis-py client on the same endpoint (background work, tests)."""
         return self._redis
+
+    @property
+    def script_sha(self) -> str:
+        return self._sha
 
     async def decide(
         self,
@@ -233,8 +172,9 @@ class Store:
         ``timeout`` bounds the whole call (TimeoutError past it)."""
         usable_list = sorted(set(usable))
         evac = evacuating or {}
+        keys = self.keys
         args: list[bytes | str | int] = [
-            self._prefix_b,
+            keys.raw,
             cid,
             "p" if persistent else "c",
             candidate or "",
@@ -260,28 +200,29 @@ class Store:
             # Rare (start-up, after an outage). Shielded: a caller that runs out of budget
             # must not cancel the attempt that other callers and the probe share.
             await asyncio.wait_for(asyncio.shield(pipe.connect()), left())
-        owner = self._prefix_b + b"owner:" + cid
-        pin = self._prefix_b + b"pin:" + cid
+        owner, pin = keys.owner(cid), keys.pin(cid)
         try:
-            raw = await pipe.execute("EVALSHA", self._decide.sha, 2, owner, pin, *args, timeout=left())
-        except RedisReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
+            raw = await pipe.execute("EVALSHA", self._sha, 2, owner, pin, *args, timeout=left())
+        except NoScriptError:
             # Redis restarted or SCRIPT FLUSH: load it again, once.
-            sha = await pipe.execute("SCRIPT", "LOAD", self._decide.script, timeout=left())
-            self._decide.sha = sha.decode()
-            raw = await pipe.execute("EVALSHA", self._decide.sha, 2, owner, pin, *args, timeout=left())
+            await self._load_script(left())
+            raw = await pipe.execute("EVALSHA", self._sha, 2, owner, pin, *args, timeout=left())
         node, how, previous, pin_ignored = (_text(x) for x in raw)
-        if how not in _HOWS:
+        if how not in SCRIPT_HOWS:
             raise ValueError(f"decide.lua returned unknown how {how!r}")
-        return StoreDecision(node or None, how, previous or None, pin_ignored or None)
+        return StoreDecision(node or None, How(how), previous or None, pin_ignored or None)
+
+    async def _load_script(self, timeout: float | None) -> None:
+        sha = await self._pipe.execute("SCRIPT", "LOAD", self._script, timeout=timeout)
+        self._sha = _text(sha)
 
     async def load_node_overrides(self) -> NodeOverrides:
         """node-state, node-weight and evacuate-rate in one round trip."""
+        keys = self.keys
         async with self._gate, self._redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self._prefix_b + b"node-state")
-            pipe.hgetall(self._prefix_b + b"node-weight")
-            pipe.hgetall(self._prefix_b + b"evacuate-rate")
+            pipe.hgetall(keys.node_state)
+            pipe.hgetall(keys.node_weight)
+            pipe.hgetall(keys.evacuate_rate)
             states, weights, rates = await pipe.execute()
         return parse_overrides(states, weights, rates)
 
@@ -292,7 +233,7 @@ class Store:
             return 0
         async with self._gate, self._redis.pipeline(transaction=False) as pipe:
             for node in names:
-                pipe.zremrangebyscore(self._prefix_b + b"placed:" + node.encode("utf-8"), "-inf", f"({now}")
+                pipe.zremrangebyscore(self.keys.placed(node), "-inf", f"({now}")
             removed = await pipe.execute()
         return sum(int(r) for r in removed)
 
@@ -303,20 +244,21 @@ class Store:
             return {}
         async with self._gate, self._redis.pipeline(transaction=False) as pipe:
             for node in names:
-                pipe.zcount(self._prefix_b + b"placed:" + node.encode("utf-8"), f"({now}", "+inf")
+                pipe.zcount(self.keys.placed(node), f"({now}", "+inf")
             counts = await pipe.execute()
         return {node: int(c) for node, c in zip(names, counts)}
 
     async def ping(self) -> None:
-        """Raises unless Redis answers; also makes sure the script is loaded after a restart
-        and reconnects the decision connection."""
+        """Raises unless Redis answers; also reconnects the decision connection and makes
+        sure the script is loaded after a restart."""
         await self._pipe.connect()
         # Over the decision connection itself: a stalled one fails here and is replaced.
-        await self._pipe.execute("PING", timeout=max(self._timeout * 4, 0.25))
+        budget = max(self._timeout * 4, 0.25)
+        await self._pipe.execute("PING", timeout=budget)
+        if not (await self._pipe.execute("SCRIPT", "EXISTS", self._sha, timeout=budget))[0]:
+            await self._load_script(budget)
         async with self._gate:
             await self._redis.ping()
-            if not (await self._redis.script_exists(self._decide.sha))[0]:
-                self._decide.sha = await self._redis.script_load(self._decide.script)
 
     async def reset_connections(self) -> None:
         """Close the idle pooled connections: after an outage they are dead sockets.

@@ -15,15 +15,17 @@ import pytest
 import redis
 
 from agent import placement
-from agent.affinity import TIMEOUTS_TO_TRIP, AffinityEngine, Decision, NodeView, eligibility
+from agent.affinity import Decision, FallbackCause
+from agent.breaker import TIMEOUTS_TO_TRIP
 from agent.config import Config, NodeConfig
+from agent.core import Core
 from agent.request import NEVER_EXPIRES, ConnectRequest
-from agent.store import NodeOverrides, Store
+from agent.rules import NodeOverrides, NodeView, eligibility
 from tests.support.procs import RedisServer, free_port
 
 P = "mqtt-affinity:"
 NAMES = ("n1", "n2", "n3")
-LOGGER = "mqtt_affinity.affinity"
+LOGGER = "mqtt_affinity.redis"
 
 
 def nodes(weights: Iterable[float] = (1.0, 1.0, 1.0)) -> tuple[NodeConfig, ...]:
@@ -49,15 +51,15 @@ class Health:
 
 
 @asynccontextmanager
-async def running(config: Config, health: Health | None = None, **kw: Any) -> AsyncIterator[AffinityEngine]:
-    store = Store.from_config(config)
-    engine = AffinityEngine(config, store, health or Health(), **kw)
-    await engine.start()
+async def running(config: Config, health: Health | None = None, clock: Any = None) -> AsyncIterator[Core]:
+    core = Core.build(config, health or Health())
+    if clock is not None:
+        core.engine._clock = clock
+    await core.start()
     try:
-        yield engine
+        yield core
     finally:
-        await engine.stop()
-        await store.close()
+        await core.stop()
 
 
 def persistent(cid: bytes, balancer: str = "ha1") -> ConnectRequest:
@@ -121,13 +123,12 @@ def test_eligibility_rules() -> None:
 def test_no_client_id_means_no_redis_call() -> None:
     async def go() -> None:
         config = make_config(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
-        store = Store.from_config(config)
-        engine = AffinityEngine(config, store, Health())
+        core = Core.build(config, Health())
         try:
-            assert await engine.decide(ConnectRequest(client_id=None)) == Decision(None, "none")
-            assert engine.redis_available  # no call was made, so nothing failed
+            assert await core.engine.decide(ConnectRequest(client_id=None)) == Decision(None, "none")
+            assert core.engine.redis_available  # no call was made, so nothing failed
         finally:
-            await store.close()
+            await core.stop()
 
     asyncio.run(go())
 
@@ -143,7 +144,7 @@ def test_two_engines_agree_on_500_new_ids(r: redis.Redis, url: str) -> None:
         async with running(make_config(url)) as a, running(make_config(url, weights=(1.0, 5.0, 1.0))) as b:
             calls = []
             for i, cid in enumerate(ids):  # interleaved, alternating who goes first
-                pair = (a.decide(persistent(cid, "ha1")), b.decide(persistent(cid, "ha2")))
+                pair = (a.engine.decide(persistent(cid, "ha1")), b.engine.decide(persistent(cid, "ha2")))
                 calls.extend(pair if i % 2 else pair[::-1])
             flat = await asyncio.gather(*calls)
         out = []
@@ -172,17 +173,17 @@ def test_unhealthy_owner_is_moved_and_the_other_engine_follows(url: str) -> None
         health_a = Health()
         async with running(make_config(url), health_a) as a, running(make_config(url)) as b:
             cid = b"mover"
-            first = await a.decide(persistent(cid))
+            first = await a.engine.decide(persistent(cid))
             assert first.how == "assigned" and first.node
-            assert await b.decide(persistent(cid)) == Decision(first.node, "hit")
+            assert await b.engine.decide(persistent(cid)) == Decision(first.node, "hit")
             health_a.up.discard(first.node)
-            moved = await a.decide(persistent(cid))
+            moved = await a.engine.decide(persistent(cid))
             assert moved.how == "moved" and moved.previous == first.node and moved.node != first.node
             # B still thinks the old owner is healthy, but follows the record
-            assert await b.decide(persistent(cid)) == Decision(moved.node, "hit")
+            assert await b.engine.decide(persistent(cid)) == Decision(moved.node, "hit")
             # the old owner comes back: nobody moves back (no flapping)
             health_a.up.add(first.node)
-            assert await a.decide(persistent(cid)) == Decision(moved.node, "hit")
+            assert await a.engine.decide(persistent(cid)) == Decision(moved.node, "hit")
 
     asyncio.run(go())
 
@@ -196,35 +197,35 @@ def test_drain_maintenance_weight_and_pins(r: redis.Redis, url: str) -> None:
     async def go() -> None:
         health = Health()
         async with running(make_config(url), health) as e:
-            on_n1 = [c for c in ids if (await e.decide(persistent(c))).node == "n1"]
+            on_n1 = [c for c in ids if (await e.engine.decide(persistent(c))).node == "n1"]
             assert on_n1
             r.hset(f"{P}node-state", "n1", "drain")
-            assert await e.refresh()
+            assert await e.refresher.refresh()
             # drain: existing clients stay, new ones go elsewhere
-            assert [await e.decide(persistent(c)) for c in on_n1] == [Decision("n1", "hit")] * len(on_n1)
-            fresh = [await e.decide(persistent(b"new-" + c)) for c in ids]
+            assert [await e.engine.decide(persistent(c)) for c in on_n1] == [Decision("n1", "hit")] * len(on_n1)
+            fresh = [await e.engine.decide(persistent(b"new-" + c)) for c in ids]
             assert {d.how for d in fresh} == {"assigned"} and "n1" not in {d.node for d in fresh}
             # maintenance: its clients move on their next CONNECT
             r.hset(f"{P}node-state", "n1", "maintenance")
-            await e.refresh()
-            moved = [await e.decide(persistent(c)) for c in on_n1]
+            await e.refresher.refresh()
+            moved = [await e.engine.decide(persistent(c)) for c in on_n1]
             assert all(d.how == "moved" and d.previous == "n1" and d.node in ("n2", "n3") for d in moved)
             # moved clients went to their HRW runner-up, as a fallback-mode agent would compute
             assert [d.node for d in moved] == [placement.rank(c, [("n2", 1.0), ("n3", 1.0)])[0] for c in on_n1]
             r.hdel(f"{P}node-state", "n1")
             # weight override 0: no new placements there
             r.hset(f"{P}node-weight", "n2", "0")
-            await e.refresh()
-            assert {(await e.decide(persistent(b"w-" + c))).node for c in ids} == {"n1", "n3"}
+            await e.refresher.refresh()
+            assert {(await e.engine.decide(persistent(b"w-" + c))).node for c in ids} == {"n1", "n3"}
             # a pin to an unhealthy node is ignored and reported
             r.hset(f"{P}pin:{'pinned'}", "node", "n3")
             health.up.discard("n3")
-            d = await e.decide(persistent(b"pinned"))
+            d = await e.engine.decide(persistent(b"pinned"))
             assert d.pin_ignored == "n3" and d.node in ("n1", "n2") and d.how == "assigned"
             health.up.add("n3")
-            assert await e.decide(persistent(b"pinned")) == Decision("n3", "pinned", previous=d.node)
-            views = {v.name: v for v in e.node_views()}
-            assert views["n2"] == NodeView("n2", 1.0, 0.0, "active", True)
+            assert await e.engine.decide(persistent(b"pinned")) == Decision("n3", "pinned", previous=d.node)
+            views = {v.name: v for v in e.engine.node_views()}
+            assert views["n2"] == NodeView("n2", 1.0, 0.0, "active", True, 0.0)
             assert views["n1"].state == "active" and views["n3"].healthy
 
     asyncio.run(go())
@@ -238,13 +239,13 @@ def test_evacuation_rate_limited(r: redis.Redis, url: str) -> None:
         async with running(make_config(url), clock=lambda: frozen) as a, running(
             make_config(url), clock=lambda: frozen
         ) as b:
-            on_n1 = [c for c in ids if (await a.decide(persistent(c))).node == "n1"]
+            on_n1 = [c for c in ids if (await a.engine.decide(persistent(c))).node == "n1"]
             assert len(on_n1) > 10
             r.hset(f"{P}node-state", "n1", "evacuate")
             r.hset(f"{P}evacuate-rate", "n1", "4")
-            await a.refresh()
-            await b.refresh()
-            results = await asyncio.gather(*[(a if i % 2 else b).decide(persistent(c)) for i, c in enumerate(on_n1)])
+            await a.refresher.refresh()
+            await b.refresher.refresh()
+            results = await asyncio.gather(*[(a if i % 2 else b).engine.decide(persistent(c)) for i, c in enumerate(on_n1)])
             assert [d.how for d in results].count("moved") == 4
             assert all(d.node == "n1" for d in results if d.how == "hit")
 
@@ -254,10 +255,10 @@ def test_evacuation_rate_limited(r: redis.Redis, url: str) -> None:
 def test_session_ttls_and_clean_sessions(r: redis.Redis, url: str) -> None:
     async def go() -> None:
         async with running(make_config(url)) as e:
-            await e.decide(ConnectRequest(b"forever", proto_ver=5, sess_expiry=NEVER_EXPIRES))
-            await e.decide(ConnectRequest(b"long", proto_ver=5, sess_expiry=10 * 86400))
-            await e.decide(ConnectRequest(b"v3", proto_ver=4, flags=0))
-            d = await e.decide(ConnectRequest(b"clean", proto_ver=4, flags=2))
+            await e.engine.decide(ConnectRequest(b"forever", proto_ver=5, sess_expiry=NEVER_EXPIRES))
+            await e.engine.decide(ConnectRequest(b"long", proto_ver=5, sess_expiry=10 * 86400))
+            await e.engine.decide(ConnectRequest(b"v3", proto_ver=4, flags=0))
+            d = await e.engine.decide(ConnectRequest(b"clean", proto_ver=4, flags=2))
             assert d.how == "none" and d.node in NAMES
 
     asyncio.run(go())
@@ -271,13 +272,13 @@ def test_reload_removes_a_node(url: str) -> None:
     async def go() -> None:
         config = make_config(url)
         async with running(config) as e:
-            placed = {c: (await e.decide(persistent(c))).node for c in (f"k{i}".encode() for i in range(60))}
+            placed = {c: (await e.engine.decide(persistent(c))).node for c in (f"k{i}".encode() for i in range(60))}
             e.reload(Config(nodes=nodes()[:2], redis_url=url, redis_timeout=2.0, metrics_listen=None))
             for c, node in placed.items():
-                d = await e.decide(persistent(c))
+                d = await e.engine.decide(persistent(c))
                 assert d == (Decision(node, "hit") if node != "n3" else Decision(d.node, "moved", previous="n3"))
                 assert d.node in ("n1", "n2")
-            assert [v.name for v in e.node_views()] == ["n1", "n2"]
+            assert [v.name for v in e.engine.node_views()] == ["n1", "n2"]
 
     asyncio.run(go())
 
@@ -292,36 +293,36 @@ def test_redis_killed_then_restarted(redis_server: RedisServer, caplog: pytest.L
     async def go() -> None:
         config = make_config(redis_server.url)
         async with running(config) as a, running(config) as b:
-            before = {c: (await a.decide(persistent(c))).node for c in ids}
+            before = {c: (await a.engine.decide(persistent(c))).node for c in ids}
             redis_server.kill()
             results = []
             for c in ids:  # the first failure trips each breaker; no exception may escape
-                results.append((c, await a.decide(persistent(c)), await b.decide(persistent(c))))
-            assert not a.redis_available and not b.redis_available
+                results.append((c, await a.engine.decide(persistent(c)), await b.engine.decide(persistent(c))))
+            assert not a.engine.redis_available and not b.engine.redis_available
             for c, da, db in results:
                 assert da.how == db.how == "fallback" and da.source == "local" and da.error
                 assert da.node == db.node == before[c]  # same HRW as the record while nothing else changed
             # a client whose owner is down is still routed, to a live node
-            assert (await a.decide(persistent(b"anything"))).node in NAMES
+            assert (await a.engine.decide(persistent(b"anything"))).node in NAMES
             warnings = [rec for rec in caplog.records if rec.levelno == logging.WARNING and rec.name == LOGGER]
             assert len(warnings) == 2, [w.getMessage() for w in warnings]  # one per engine
 
             redis_server.start()  # same port, empty database
 
             async def back() -> bool:
-                return (await a.decide(persistent(b"probe"))).how != "fallback" and (
-                    await b.decide(persistent(b"probe"))
+                return (await a.engine.decide(persistent(b"probe"))).how != "fallback" and (
+                    await b.engine.decide(persistent(b"probe"))
                 ).how != "fallback"
 
             await wait_for(back, "decisions from redis again")
-            assert a.redis_available and b.redis_available
-            d = await a.decide(persistent(b"after"))
+            assert a.engine.redis_available and b.engine.redis_available
+            d = await a.engine.decide(persistent(b"after"))
             assert d.how == "assigned" and d.source == "redis"
-            assert await b.decide(persistent(b"after")) == Decision(d.node, "hit")
+            assert await b.engine.decide(persistent(b"after")) == Decision(d.node, "hit")
             infos = [rec for rec in caplog.records if rec.name == LOGGER and rec.levelno == logging.INFO]
             assert len(infos) == 2
             # the refresh loop kept running through the outage
-            assert a._refresh_task is not None and not a._refresh_task.done()
+            assert a.refresher._task is not None and not a.refresher._task.done()
 
     asyncio.run(go())
 
@@ -332,23 +333,23 @@ def test_stalled_redis_times_out(redis_server: RedisServer) -> None:
     async def go() -> None:
         config = make_config(redis_server.url, timeout=0.1)
         async with running(config) as e:
-            assert (await e.decide(persistent(b"x"))).how == "assigned"
+            assert (await e.engine.decide(persistent(b"x"))).how == "assigned"
             assert redis_server.pid is not None
             os.kill(redis_server.pid, signal.SIGSTOP)
             try:
                 for i in range(TIMEOUTS_TO_TRIP):
                     # a lone timeout may be our own queueing: only consecutive ones open the breaker
-                    assert e.redis_available
-                    d = await e.decide(persistent(b"x"))
+                    assert e.engine.redis_available
+                    d = await e.engine.decide(persistent(b"x"))
                     assert d.how == "fallback" and d.error is not None and "Timeout" in d.error
-                assert not e.redis_available
+                assert not e.engine.redis_available
                 # breaker open: answered locally without touching Redis
-                assert (await e.decide(persistent(b"y"))).error == "redis unavailable"
+                assert (await e.engine.decide(persistent(b"y"))).cause is FallbackCause.UNAVAILABLE
             finally:
                 os.kill(redis_server.pid, signal.SIGCONT)
 
             async def back() -> bool:
-                return (await e.decide(persistent(b"x"))).how == "hit"
+                return (await e.engine.decide(persistent(b"x"))).how == "hit"
 
             await wait_for(back, "redis answering again")
 
@@ -360,18 +361,18 @@ def test_start_with_redis_down(tmp_path: Any) -> None:
 
     async def go() -> None:
         async with running(make_config(server.url)) as e:  # must not raise
-            assert not e.redis_available
-            d = await e.decide(persistent(b"c"))
+            assert not e.engine.redis_available
+            d = await e.engine.decide(persistent(b"c"))
             assert d.how == "fallback" and d.node == placement.choose(b"c", [(n, 1.0) for n in NAMES])
-            assert await e.placed_counts() is None
+            assert await e.refresher.placed_counts() is None
             server.start()
 
             async def up() -> bool:
-                return (await e.decide(persistent(b"c"))).source == "redis"
+                return (await e.engine.decide(persistent(b"c"))).source == "redis"
 
             await wait_for(up, "redis after a late start")
-            assert await e.placed_counts() == {"n1": 0, "n2": 0, "n3": 0} | {d.node: 1}  # type: ignore[dict-item]
-            assert await e.trim() == 0
+            assert await e.refresher.placed_counts() == {"n1": 0, "n2": 0, "n3": 0} | {d.node: 1}  # type: ignore[dict-item]
+            assert await e.refresher.trim() == 0
 
     try:
         asyncio.run(go())

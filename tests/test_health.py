@@ -143,7 +143,7 @@ def test_monitor_start_knows_real_state(broker: Mosquitto) -> None:
             HealthConfig(check="tcp", interval=5.0, timeout=5.0, rise=2, fall=3),
             on_change=lambda name, up: changes.append((name, up)),
         )
-        assert mon.healthy == {"live", "dead"}  # optimistic until probed
+        assert mon.healthy == frozenset()  # a node never probed is not offered
         await mon.start()
         try:
             assert mon.running

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.logs import RateLimitedLogger, reset_rate_limits, setup_logging, warn_limited
+from agent.logs import RateLimiter, reset_rate_limits, setup_logging, warn_limited
 
 
 class FakeClock:
@@ -91,47 +91,48 @@ def test_setup_logging_rejects_unknown_level() -> None:
 def test_rate_limit_first_then_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     log = logging.getLogger("agent.test.rl")
-    rl = RateLimitedLogger(log, interval=10.0, clock=clock)
+    rl = RateLimiter(clock=clock)
     caplog.set_level(logging.DEBUG, logger="agent.test.rl")
 
-    assert rl.warning("redis", "redis down: %s", "refused") is True
+    assert rl.log(log, "redis", "redis down: %s", "refused") is True
     for _ in range(3):
         clock.now += 1
-        assert rl.warning("redis", "redis down: %s", "refused") is False
+        assert rl.log(log, "redis", "redis down: %s", "refused") is False
     assert [r.getMessage() for r in caplog.records] == ["redis down: refused"]
 
     clock.now = 1000.0 + 10.0  # exactly one interval after the first line
-    assert rl.warning("redis", "redis down: %s", "timeout") is True
+    assert rl.log(log, "redis", "redis down: %s", "timeout") is True
     last = caplog.records[-1]
     assert last.getMessage() == "redis down: timeout (3 similar suppressed)"
     assert last.fields == {"suppressed": 3}  # type: ignore[attr-defined]
 
     clock.now += 10.0  # nothing suppressed in between: no count appended
-    rl.warning("redis", "redis down: %s", "timeout")
+    rl.log(log, "redis", "redis down: %s", "timeout")
     assert caplog.records[-1].getMessage() == "redis down: timeout"
     assert len(caplog.records) == 3
 
 
-def test_rate_limit_keys_are_independent(caplog: pytest.LogCaptureFixture) -> None:
+def test_rate_limit_keys_are_independent_and_scoped_per_logger(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     caplog.set_level(logging.DEBUG)
-    a = RateLimitedLogger(logging.getLogger("agent.test.a"), clock=clock)
-    b = RateLimitedLogger(logging.getLogger("agent.test.b"), clock=clock)
-    assert a.error("k1", "one")
-    assert a.error("k2", "two")
-    assert not a.error("k1", "one again")
-    assert b.error("k1", "same key, other limiter")
-    assert [r.getMessage() for r in caplog.records] == ["one", "two", "same key, other limiter"]
+    rl = RateLimiter(clock=clock)
+    a, b = logging.getLogger("agent.test.a"), logging.getLogger("agent.test.b")
+    assert rl.log(a, "k1", "one", level=logging.ERROR)
+    assert rl.log(a, "k2", "two", level=logging.ERROR)
+    assert not rl.log(a, "k1", "one again", level=logging.ERROR)
+    assert rl.log(b, "k1", "same key, other logger", level=logging.ERROR)
+    assert [r.getMessage() for r in caplog.records] == ["one", "two", "same key, other logger"]
 
 
 def test_rate_limit_keeps_literal_percent_and_fields(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     caplog.set_level(logging.DEBUG, logger="agent.test.pct")
-    rl = RateLimitedLogger(logging.getLogger("agent.test.pct"), interval=1.0, clock=clock)
-    rl.info("frame", "100% malformed", fields={"peer": "10.0.0.1"})
-    rl.info("frame", "100% malformed", fields={"peer": "10.0.0.1"})
+    log = logging.getLogger("agent.test.pct")
+    rl = RateLimiter(clock=clock)
+    rl.log(log, "frame", "100% malformed", interval=1.0, level=logging.INFO, fields={"peer": "10.0.0.1"})
+    rl.log(log, "frame", "100% malformed", interval=1.0, level=logging.INFO, fields={"peer": "10.0.0.1"})
     clock.now += 1.0
-    rl.info("frame", "100% malformed", fields={"peer": "10.0.0.2"})
+    rl.log(log, "frame", "100% malformed", interval=1.0, level=logging.INFO, fields={"peer": "10.0.0.2"})
     last = caplog.records[-1]
     assert last.getMessage() == "100% malformed (1 similar suppressed)"
     assert last.fields == {"peer": "10.0.0.2", "suppressed": 1}  # type: ignore[attr-defined]
@@ -140,12 +141,13 @@ def test_rate_limit_keeps_literal_percent_and_fields(caplog: pytest.LogCaptureFi
 def test_rate_limit_key_table_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     caplog.set_level(logging.DEBUG, logger="agent.test.bound")
-    rl = RateLimitedLogger(logging.getLogger("agent.test.bound"), clock=clock, max_keys=2)
-    rl.warning("a", "a")
-    rl.warning("b", "b")
-    rl.warning("c", "c")  # evicts "a", the least recently logged key
-    assert not rl.warning("c", "c")
-    assert rl.warning("a", "a")  # forgotten, so logged again
+    log = logging.getLogger("agent.test.bound")
+    rl = RateLimiter(clock=clock, max_keys=2)
+    rl.log(log, "a", "a")
+    rl.log(log, "b", "b")
+    rl.log(log, "c", "c")  # evicts "a", the least recently logged key
+    assert not rl.log(log, "c", "c")
+    assert rl.log(log, "a", "a")  # forgotten, so logged again
     assert [r.getMessage() for r in caplog.records] == ["a", "b", "c", "a"]
 
 
@@ -153,9 +155,9 @@ def test_disabled_level_is_not_counted(caplog: pytest.LogCaptureFixture) -> None
     clock = FakeClock()
     log = logging.getLogger("agent.test.lvl")
     caplog.set_level(logging.WARNING, logger="agent.test.lvl")
-    rl = RateLimitedLogger(log, clock=clock)
-    assert not rl.debug("k", "invisible")
-    assert rl.warning("k", "visible")  # debug calls did not use up the key
+    rl = RateLimiter(clock=clock)
+    assert not rl.log(log, "k", "invisible", level=logging.DEBUG)
+    assert rl.log(log, "k", "visible")  # debug calls did not use up the key
     assert caplog.records[-1].getMessage() == "visible"
 
 
@@ -181,16 +183,13 @@ def test_warn_limited_shared_table(caplog: pytest.LogCaptureFixture, clean_limit
     assert caplog.records[-1].levelno == logging.ERROR
 
 
-def test_rate_limited_logger_attributes_call_site(caplog: pytest.LogCaptureFixture) -> None:
+def test_rate_limiter_attributes_call_site(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="agent.test.site")
-    rl = RateLimitedLogger(logging.getLogger("agent.test.site"), clock=FakeClock())
-
-    def via_warning() -> None:
-        rl.warning("k1", "x")
+    log = logging.getLogger("agent.test.site")
+    rl = RateLimiter(clock=FakeClock())
 
     def via_log() -> None:
-        rl.log(logging.WARNING, "k2", "x")
+        rl.log(log, "k1", "x")
 
-    via_warning()
     via_log()
-    assert [r.funcName for r in caplog.records] == ["via_warning", "via_log"]
+    assert [r.funcName for r in caplog.records] == ["via_log"]

@@ -160,7 +160,7 @@ def test_a_failing_collector_gives_500_not_a_dead_endpoint():
 
     from agent.http import HttpEndpoint
 
-    def broken() -> bytes:
+    async def broken() -> bytes:
         raise RuntimeError("collector bug")
 
     async def go():

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 import redis
 
-from agent.redis_pipe import PipelinedRedis, RedisReplyError, encode_command, parse_redis_url
+from agent.endpoint import RedisEndpoint
+from agent.redis_pipe import NoScriptError, PipelinedRedis, RedisBackpressure, RedisReplyError, encode_command
 from tests.support.procs import RedisServer, free_port, wait_until
 
 
@@ -25,29 +26,14 @@ def test_encode_command_is_resp_bulk_array():
     assert encode_command(("SET", b"k\r\n\x00", 5)) == b"*3\r\n$3\r\nSET\r\n$4\r\nk\r\n\x00\r\n$1\r\n5\r\n"
 
 
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("redis://127.0.0.1:7000/3", {"host": "127.0.0.1", "port": 7000, "db": 3, "password": None, "tls": False}),
-        ("redis://:s%40cret@h:1/0", {"host": "h", "port": 1, "db": 0, "password": "s@cret", "username": None}),
-        ("rediss://u:p@h", {"host": "h", "port": 6379, "tls": True, "username": "u", "password": "p"}),
-        ("unix:///run/redis.sock?db=2", {"path": "/run/redis.sock", "db": 2}),
-        ("redis://h:2/?password=x", {"password": "x"}),
-    ],
-)
-def test_parse_redis_url(url, expected):
-    opts = parse_redis_url(url)
-    assert {k: opts[k] for k in expected} == expected
-
-
-def test_parse_redis_url_rejects_unknown_scheme():
-    with pytest.raises(ValueError):
-        parse_redis_url("http://h:1")
+def pipe(url: str, **kw) -> PipelinedRedis:
+    """The decision connection for a URL, as the store builds it (redis-py parses the URL)."""
+    return PipelinedRedis(RedisEndpoint.parse(url).pipe_target(), **kw)
 
 
 def test_many_in_flight_replies_match_their_requests(redis_server):
     async def go():
-        p = PipelinedRedis(redis_server.url)
+        p = pipe(redis_server.url)
         await p.connect()
         results = await asyncio.gather(*(p.execute("ECHO", b"v%d" % i) for i in range(2000)))
         assert results == [b"v%d" % i for i in range(2000)]
@@ -63,7 +49,7 @@ def test_many_in_flight_replies_match_their_requests(redis_server):
 
 def test_timed_out_caller_does_not_shift_later_replies(redis_server):
     async def go():
-        p = PipelinedRedis(redis_server.url)
+        p = pipe(redis_server.url)
         await p.connect()
         slow = p.execute(*SLOW_200MS)
         with pytest.raises(TimeoutError):
@@ -79,7 +65,7 @@ def test_connection_loss_fails_in_flight_and_reconnect_works(tmp_path):
     server = RedisServer(workdir=tmp_path).start()
     try:
         async def go():
-            p = PipelinedRedis(server.url)
+            p = pipe(server.url)
             await p.connect()
             blocked = p.execute("BLPOP", "never", 0)
             server.kill()
@@ -113,11 +99,11 @@ def test_password_and_database_from_url(tmp_path):
         sync.set("where", "db5")
 
         async def go():
-            p = PipelinedRedis(f"redis://:p%40ss@127.0.0.1:{port}/5")
+            p = pipe(f"redis://:p%40ss@127.0.0.1:{port}/5")
             await p.connect()
             assert await p.execute("GET", "where") == b"db5"
             await p.close()
-            bad = PipelinedRedis(f"redis://:wrong@127.0.0.1:{port}/5")
+            bad = pipe(f"redis://:wrong@127.0.0.1:{port}/5")
             with pytest.raises(redis.exceptions.ConnectionError):
                 await bad.connect()
 
@@ -139,7 +125,7 @@ def test_timeouts_with_no_reply_at_all_drop_the_connection(redis_server):
     stalled and dropped (the engine then falls back and its probe reconnects)."""
 
     async def go():
-        p = PipelinedRedis(redis_server.url)
+        p = pipe(redis_server.url)
         await p.connect()
         slow = p.execute(*SLOW_200MS)
         late = [p.execute("ECHO", b"x%d" % i, timeout=0.05) for i in range(5)]
@@ -178,7 +164,7 @@ def test_timeouts_while_replies_flow_keep_the_connection():
 
         server = await asyncio.start_server(slow_redis, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        p = PipelinedRedis(f"redis://127.0.0.1:{port}/0")
+        p = pipe(f"redis://127.0.0.1:{port}/0")
         await p.connect()
         futs = [p.execute("ECHO", b"q%d" % i, timeout=0.1) for i in range(8)]
         results = await asyncio.gather(*futs, return_exceptions=True)
@@ -208,7 +194,7 @@ def test_nothing_runs_before_auth_and_select(tmp_path):
         wait_until(lambda: _pings(sync))
 
         async def go():
-            p = PipelinedRedis(f"redis://:pw@127.0.0.1:{port}/5")
+            p = pipe(f"redis://:pw@127.0.0.1:{port}/5")
             connecting = asyncio.ensure_future(p.connect())
             early = []
             while not connecting.done():
@@ -242,7 +228,7 @@ def test_a_connection_that_stops_answering_is_replaced():
 
         server = await asyncio.start_server(silent, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        p = PipelinedRedis(f"redis://127.0.0.1:{port}/0")
+        p = pipe(f"redis://127.0.0.1:{port}/0")
         await p.connect()
         for _ in range(3):
             futs = [p.execute("PING", timeout=0.05) for _ in range(100)]
@@ -256,6 +242,59 @@ def test_a_connection_that_stops_answering_is_replaced():
         await p.close()
         for w in accepted:
             w.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(go())
+
+
+def test_noscript_is_its_own_exception_class(redis_server):
+    async def go():
+        p = pipe(redis_server.url)
+        await p.connect()
+        with pytest.raises(NoScriptError):
+            await p.execute("EVALSHA", "0" * 40, 0)
+        with pytest.raises(RedisReplyError) as other:
+            await p.execute("NOSUCHCOMMAND")
+        assert not isinstance(other.value, NoScriptError)
+        await p.close()
+
+    asyncio.run(go())
+
+
+def test_a_redis_that_does_not_read_bounds_what_we_queue():
+    """Write backpressure: past MAX_UNSENT, new commands fail at once (as timeouts) instead of growing memory."""
+    from agent import redis_pipe
+
+    async def go():
+        blocked = asyncio.Event()
+
+        async def deaf(reader, writer):
+            await blocked.wait()  # never reads: the kernel buffers fill, then asyncio pauses our writes
+            writer.close()
+
+        server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        p = pipe(f"redis://127.0.0.1:{port}/0")
+        await p.connect()
+        big = b"x" * 65536
+        futs = []
+        refused = None
+        for _ in range(2000):  # up to 128 MiB if nothing pushed back
+            f = p.execute("SET", "k", big)
+            futs.append(f)
+            if f.done() and isinstance(f.exception(), RedisBackpressure):
+                refused = f.exception()
+                break
+            await asyncio.sleep(0)
+        assert refused is not None, "never pushed back"
+        assert p._unsent <= redis_pipe.MAX_UNSENT + len(big) + 64
+        assert isinstance(refused, TimeoutError)  # the breaker counts it as a timeout, not an outage
+        await p.close()
+        for f in futs:
+            if not f.done():
+                f.cancel()
+        blocked.set()
         server.close()
         await server.wait_closed()
 

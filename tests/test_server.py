@@ -326,3 +326,63 @@ def test_ack_too_large_for_the_frame_falls_back_to_the_error_answer():
         await server.shutdown()
 
     run(scenario())
+
+
+def test_connections_past_max_connections_are_closed_at_once_and_logged(caplog):
+    import logging
+
+    from agent.logs import reset_rate_limits
+
+    reset_rate_limits()
+    caplog.set_level(logging.WARNING, logger="mqtt_affinity.spop")
+
+    async def scenario():
+        server, _ = await start(max_connections=3)
+        peers = [await Peer.open(server.port) for _ in range(3)]
+        for p in peers:
+            await p.hello()
+        extra = await Peer.open(server.port)
+        assert await extra.closed()  # refused: EOF without a frame
+        assert server.refused == 1 and server.connection_count == 3
+        assert any("max_connections (3) reached" in r.getMessage() for r in caplog.records)
+        # The served ones keep working, and a freed slot takes a new connection.
+        await peers[0].send(encode_notify(1, 1, [MSG]))
+        assert (await peers[0].frame()).type == FrameType.ACK
+        peers[1].close()
+        for _ in range(100):
+            if server.connection_count == 2:
+                break
+            await asyncio.sleep(0.01)
+        again = await Peer.open(server.port)
+        assert (await again.hello())["version"] == "2.0"
+        for p in (peers[0], peers[2], again):
+            p.close()
+        await server.shutdown()
+
+    run(scenario())
+
+
+def test_an_idle_connection_costs_no_read_buffer():
+    """Reads go into one shared buffer: 300 idle connections must not cost 300 frame buffers (16 KB each)."""
+    import tracemalloc
+
+    async def scenario():
+        server, _ = await start(max_frame_size=16380)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        peers = [await Peer.open(server.port) for _ in range(300)]
+        for _ in range(200):
+            if server.connection_count == 300:
+                break
+            await asyncio.sleep(0.01)
+        assert server.connection_count == 300
+        per_connection = (tracemalloc.get_traced_memory()[0] - before) / 300
+        tracemalloc.stop()
+        # Both ends of each connection live in this process (client streams included); a
+        # per-connection frame buffer alone would be 16384 bytes.
+        assert per_connection < 8000, per_connection
+        for p in peers:
+            p.close()
+        await server.shutdown()
+
+    run(scenario())

@@ -11,7 +11,9 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from agent.store import NO_EXPIRY_SCORE, NodeOverrides, Store, StoreDecision, parse_overrides
+from agent.model import NO_EXPIRY_SCORE
+from agent.rules import NodeOverrides, parse_overrides
+from agent.store import RedisStore, StoreDecision
 
 P = "mqtt-affinity:"
 NOW = 1_700_000_000
@@ -39,7 +41,7 @@ def with_stores(url: str, fn: Callable[..., Awaitable[T]], n: int = 1, prefix: s
     """Run ``fn(*stores)`` in a fresh loop; the timeout is generous: these tests check logic, not speed."""
 
     async def main() -> T:
-        stores = [Store(url, key_prefix=prefix, timeout=2.0, pool_size=4) for _ in range(n)]
+        stores = [RedisStore(url, key_prefix=prefix, timeout=2.0, pool_size=4) for _ in range(n)]
         try:
             return await fn(*stores)
         finally:
@@ -49,7 +51,7 @@ def with_stores(url: str, fn: Callable[..., Awaitable[T]], n: int = 1, prefix: s
     return asyncio.run(main())
 
 
-async def decide(store: Store, cid: bytes, candidate: str | None = "n1", **kw: Any) -> StoreDecision:
+async def decide(store: RedisStore, cid: bytes, candidate: str | None = "n1", **kw: Any) -> StoreDecision:
     args: dict[str, Any] = dict(persistent=True, ttl=100, now=NOW, usable=USABLE, evacuating={}, by="ha1")
     args.update(kw)
     return await store.decide(cid, candidate=candidate, **args)
@@ -75,7 +77,7 @@ def test_assigned_sets_record_ttl_and_placed_set(r: redis.Redis, url: str) -> No
 
 
 def test_never_expiring_session(r: redis.Redis, url: str) -> None:
-    async def go(s: Store) -> None:
+    async def go(s: RedisStore) -> None:
         assert (await decide(s, b"c1", "n1", ttl=0)).how == "assigned"
         assert r.ttl(f"{P}owner:c1") == -1
         assert placed(r, "n1") == {b"c1": NO_EXPIRY_SCORE}
@@ -91,7 +93,7 @@ def test_never_expiring_session(r: redis.Redis, url: str) -> None:
 
 
 def test_hit_refreshes_ttl_and_ignores_candidate(r: redis.Redis, url: str) -> None:
-    async def go(s: Store) -> None:
+    async def go(s: RedisStore) -> None:
         await decide(s, b"c1", "n1")
         r.expire(f"{P}owner:c1", 5)
         d = await decide(s, b"c1", "n3", ttl=1000, now=NOW + 10)
@@ -104,7 +106,7 @@ def test_hit_refreshes_ttl_and_ignores_candidate(r: redis.Redis, url: str) -> No
 
 
 def test_clean_session_writes_nothing(r: redis.Redis, url: str) -> None:
-    async def go(s: Store) -> None:
+    async def go(s: RedisStore) -> None:
         d = await decide(s, b"c1", "n2", persistent=False)
         assert d == StoreDecision("n2", "none")
         assert r.dbsize() == 0
@@ -130,7 +132,7 @@ def test_clean_session_writes_nothing(r: redis.Redis, url: str) -> None:
 
 
 def test_pin_honoured_and_kept_after_unpin(r: redis.Redis, url: str) -> None:
-    async def go(s: Store) -> None:
+    async def go(s: RedisStore) -> None:
         await decide(s, b"c1", "n1")
         r.hset(f"{P}pin:c1", mapping={"node": "n3", "reason": "debug", "created_at": NOW})
         assert await decide(s, b"c1", "n1") == StoreDecision("n3", "pinned", previous="n1")
@@ -148,7 +150,7 @@ def test_pin_honoured_and_kept_after_unpin(r: redis.Redis, url: str) -> None:
 
 
 def test_pin_to_unusable_node_is_ignored(r: redis.Redis, url: str) -> None:
-    async def go(s: Store) -> None:
+    async def go(s: RedisStore) -> None:
         r.hset(f"{P}pin:c1", "node", "n9")  # unknown / down / maintenance
         assert await decide(s, b"c1", "n2") == StoreDecision("n2", "assigned", pin_ignored="n9")
         assert await decide(s, b"c1", "n1") == StoreDecision("n2", "hit", pin_ignored="n9")
@@ -163,7 +165,7 @@ def test_pin_to_unusable_node_is_ignored(r: redis.Redis, url: str) -> None:
 
 
 def test_moved_when_owner_unusable(r: redis.Redis, url: str) -> None:
-    async def go(s: Store) -> None:
+    async def go(s: RedisStore) -> None:
         await decide(s, b"c1", "n1")
         d = await decide(s, b"c1", "n2", usable=("n2", "n3"), now=NOW + 5, by="ha2")
         assert d == StoreDecision("n2", "moved", previous="n1")
@@ -182,7 +184,7 @@ def test_moved_when_owner_unusable(r: redis.Redis, url: str) -> None:
 def test_racing_agents_converge(r: redis.Redis, url: str) -> None:
     """Two balancers with different candidates (e.g. mid-reload weights): the first write wins."""
 
-    async def go(a: Store, b: Store) -> None:
+    async def go(a: RedisStore, b: RedisStore) -> None:
         results = await asyncio.gather(
             *[decide(st, f"c{i}".encode(), cand) for i in range(50) for st, cand in ((a, "n1"), (b, "n2"))]
         )
@@ -204,7 +206,7 @@ def _start_of_a_redis_second(r: redis.Redis) -> int:
 
 
 def test_evacuation_budget_is_shared_between_agents(r: redis.Redis, url: str) -> None:
-    async def go(a: Store, b: Store) -> None:
+    async def go(a: RedisStore, b: RedisStore) -> None:
         cids = [f"e{i}".encode() for i in range(10)]
         for c in cids:
             await decide(a, c, "n1")
@@ -241,7 +243,7 @@ def test_evacuation_budget_is_shared_between_agents(r: redis.Redis, url: str) ->
 def test_drain_keeps_existing_clients(r: redis.Redis, url: str) -> None:
     """A drain node is usable but not a candidate (the engine excludes it): existing clients stay."""
 
-    async def go(s: Store) -> None:
+    async def go(s: RedisStore) -> None:
         await decide(s, b"c1", "n1")
         assert await decide(s, b"c1", "n2", usable=USABLE) == StoreDecision("n1", "hit")
         assert await decide(s, b"new", "n2", usable=USABLE) == StoreDecision("n2", "assigned")
@@ -278,7 +280,7 @@ HOSTILE = [
 def test_hostile_ids_get_their_own_records(r: redis.Redis, url: str, prefix: str) -> None:
     nodes = [f"n{i}" for i in range(len(HOSTILE))]
 
-    async def go(s: Store) -> None:
+    async def go(s: RedisStore) -> None:
         for cid, node in zip(HOSTILE, nodes):
             d = await s.decide(cid, persistent=True, candidate=node, ttl=100, now=NOW, usable=nodes, by="ha1")
             assert d == StoreDecision(node, "assigned"), cid[:20]
@@ -319,7 +321,7 @@ def test_load_node_overrides(r: redis.Redis, url: str) -> None:
 
 
 def test_trim_and_count_placed(r: redis.Redis, url: str) -> None:
-    async def go(s: Store) -> tuple[int, dict[str, int], dict[str, int]]:
+    async def go(s: RedisStore) -> tuple[int, dict[str, int], dict[str, int]]:
         await decide(s, b"short", "n1", ttl=10)
         await decide(s, b"long", "n1", ttl=1000)
         await decide(s, b"forever", "n1", ttl=0)
@@ -337,24 +339,24 @@ def test_trim_and_count_placed(r: redis.Redis, url: str) -> None:
 
 
 def test_script_reloaded_after_flush(r: redis.Redis, url: str) -> None:
-    async def go(s: Store) -> None:
+    async def go(s: RedisStore) -> None:
         await s.ping()
         assert (await decide(s, b"c1")).how == "assigned"
         r.script_flush()  # as after a Redis restart
         assert (await decide(s, b"c1")).how == "hit"
         r.script_flush()
         await s.ping()  # ping re-loads it too
-        assert r.script_exists(s._decide.sha) == [True]
+        assert r.script_exists(s.script_sha) == [True]
 
     with_stores(url, go)
 
 
 def test_errors_propagate_from_store() -> None:
-    """The Store never hides an outage: the engine needs the exception to fall back."""
+    """The RedisStore never hides an outage: the engine needs the exception to fall back."""
     from tests.support.procs import free_port
 
     async def go() -> None:
-        s = Store(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+        s = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
         try:
             with pytest.raises(redis.exceptions.ConnectionError):
                 await decide(s, b"c1")

@@ -19,7 +19,10 @@
 -- so this is for a single (non-cluster) Redis, which is what the agent supports.
 --
 -- Returns {node, how, previous, pin_ignored}; "" stands for none.
--- how: hit | assigned | moved | pinned | none
+-- how: HOW_HIT | HOW_ASSIGNED | HOW_MOVED | HOW_PINNED | HOW_NONE
+--
+-- HOW_*, INFIX_* and NO_EXPIRY come from the prelude agent/model.py puts before this file
+-- (one definition of the vocabulary); this file alone is not a complete script.
 
 local owner_key = KEYS[1]
 local pin_key = KEYS[2]
@@ -42,12 +45,10 @@ for j = 1, m do
   evac[ARGV[i + 2 * j - 1]] = tonumber(ARGV[i + 2 * j])
 end
 
--- ZSET score for "never expires": far beyond any unix time, still exact in a double.
-local NO_EXPIRY = 1e18
 local expiry = NO_EXPIRY
 if ttl > 0 then expiry = now + ttl end
 
-local function placed_key(node) return prefix .. 'placed:' .. node end
+local function placed_key(node) return prefix .. INFIX_PLACED .. node end
 
 local function set_ttl()
   if ttl > 0 then
@@ -85,7 +86,7 @@ if pin then
     end
     local prev = ''
     if owner ~= pin then prev = owner end
-    return {pin, 'pinned', prev, ''}
+    return {pin, HOW_PINNED, prev, ''}
   end
   pin_ignored = pin
 end
@@ -97,35 +98,35 @@ if owner ~= '' then
     if rate ~= nil and cand ~= '' and cand ~= owner then
       if not persistent then
         -- No session to carry over: a clean client simply leaves, without using the budget.
-        return {cand, 'moved', owner, pin_ignored}
+        return {cand, HOW_MOVED, owner, pin_ignored}
       end
       -- The bucket's second comes from Redis's clock, not the agent's: agents whose
       -- clocks differ must still share one budget per second.
-      local bucket = prefix .. 'evac:' .. owner .. ':' .. redis.call('TIME')[1]
+      local bucket = prefix .. INFIX_EVAC .. owner .. ':' .. redis.call('TIME')[1]
       local used = redis.call('INCR', bucket)
       if used == 1 then redis.call('EXPIRE', bucket, 2) end
       if used <= rate then
         place(cand, owner)
-        return {cand, 'moved', owner, pin_ignored}
+        return {cand, HOW_MOVED, owner, pin_ignored}
       end
     end
     if persistent then refresh(owner) end
-    return {owner, 'hit', '', pin_ignored}
+    return {owner, HOW_HIT, '', pin_ignored}
   end
   -- Owner is down, in maintenance or no longer configured.
   if cand ~= '' and cand ~= owner then
     if persistent then place(cand, owner) end
-    return {cand, 'moved', owner, pin_ignored}
+    return {cand, HOW_MOVED, owner, pin_ignored}
   end
-  return {'', 'none', owner, pin_ignored}
+  return {'', HOW_NONE, owner, pin_ignored}
 end
 
 -- 3. No record.
 if cand == '' then
-  return {'', 'none', '', pin_ignored}
+  return {'', HOW_NONE, '', pin_ignored}
 end
 if persistent then
   place(cand, false)
-  return {cand, 'assigned', '', pin_ignored}
+  return {cand, HOW_ASSIGNED, '', pin_ignored}
 end
-return {cand, 'none', '', pin_ignored}
+return {cand, HOW_NONE, '', pin_ignored}

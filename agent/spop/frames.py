@@ -416,10 +416,10 @@ def encode_ack(stream_id: int, frame_id: int, actions: Iterable[Action]) -> byte
     for action in actions:
         cls = type(action)
         if cls is SetVar:
-            parts.append(_action_prefix(1, action.scope, action.name))  # type: ignore[union-attr]
+            parts.append(_action_prefix(1, action.scope, action.name))
             parts.append(encode_typed(action.value))  # type: ignore[union-attr]
         elif cls is UnsetVar:
-            parts.append(_action_prefix(2, action.scope, action.name))  # type: ignore[union-attr]
+            parts.append(_action_prefix(2, action.scope, action.name))
         else:
             raise LocalProtocolError(f"not an action: {action!r}")
     body = b"".join(parts)

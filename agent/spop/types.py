@@ -203,9 +203,9 @@ def _forced(tid: DataType, value: object) -> bytes:
             # so negative values travel as their 64-bit two's complement.
             return _encode_int(tid, value)
         if tid is DataType.IPV4:
-            return _SMALL[tid] + ipaddress.IPv4Address(value).packed  # type: ignore[arg-type]
+            return _SMALL[tid] + ipaddress.IPv4Address(value).packed
         if tid is DataType.IPV6:
-            return _SMALL[tid] + ipaddress.IPv6Address(value).packed  # type: ignore[arg-type]
+            return _SMALL[tid] + ipaddress.IPv6Address(value).packed
         if tid in (DataType.STRING, DataType.BINARY):
             if isinstance(value, str):
                 raw = value.encode("utf-8", "surrogateescape")
@@ -227,7 +227,7 @@ def encode_typed(value: object) -> bytes:
     """
     t = type(value)
     if t is str:
-        raw = value.encode("utf-8", "surrogateescape")  # type: ignore[attr-defined]
+        raw: bytes = value.encode("utf-8", "surrogateescape")  # type: ignore[attr-defined]
         n = len(raw)
         if n < 240:
             return b"\x08" + _SMALL[n] + raw

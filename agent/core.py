@@ -1,0 +1,55 @@
+"""The decision core wired together: store, breaker, override refresher, engine.
+
+One place builds them, so the agent (``agent.app``) and the tests run the same wiring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.affinity import AffinityEngine, DecisionObserver
+from agent.breaker import Breaker
+from agent.config import Config
+from agent.refresher import Refresher, background_timeout
+from agent.store import RedisStore
+
+__all__ = ["Core"]
+
+
+@dataclass
+class Core:
+    store: RedisStore
+    breaker: Breaker
+    refresher: Refresher
+    engine: AffinityEngine
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        healthy: Callable[[], frozenset[str]],
+        *,
+        observer: DecisionObserver | None = None,
+        store: RedisStore | None = None,
+    ) -> Core:
+        store = store or RedisStore.from_config(config)
+        breaker = Breaker(store, probe_timeout=background_timeout(config))
+        refresher = Refresher(config, store, breaker)
+        # Decisions after an outage must use what operators set meanwhile.
+        breaker.on_recover = refresher.load
+        engine = AffinityEngine(config, store, breaker, lambda: refresher.overrides, healthy, observer=observer)
+        return cls(store, breaker, refresher, engine)
+
+    async def start(self) -> None:
+        """Load the overrides once (a dead Redis only opens the breaker), then keep them fresh."""
+        await self.refresher.start()
+
+    def reload(self, config: Config) -> None:
+        self.refresher.reload(config)
+        self.engine.reload(config)
+
+    async def stop(self) -> None:
+        await self.refresher.stop()
+        await self.breaker.stop()
+        await self.store.close()
