@@ -515,3 +515,15 @@ def test_every_command_of_the_table_is_registered() -> None:
         assert ns.command == c.name and callable(ns.handler)
         assert hasattr(ns, "json") == (c.json is not None), c.name
 
+
+def test_a_broken_admin_package_is_not_silently_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    import agent
+
+    monkeypatch.setitem(sys.modules, "agent.admin", None)  # what a broken install looks like
+    monkeypatch.delattr(agent, "admin", raising=False)
+    monkeypatch.delitem(sys.modules, "agent.cli", raising=False)
+    with pytest.raises(ImportError):  # at import, or at the latest when the commands are registered
+        importlib.import_module("agent.cli").build_parser()
