@@ -1,8 +1,8 @@
 """The ``mqtt-affinity`` command.
 
-Exit status is part of the contract: 0 success, 1 the thing asked about does
-not exist (or the agent could not start), 2 bad usage or a bad config, each
-with one line on stderr that says what is wrong.
+Exit status is part of the contract (:class:`agent.model.ExitCode`): 0 success, 1 the thing
+asked about does not exist (or the agent could not start), 2 bad usage or a bad config, each
+with one line on stderr that says what is wrong (:func:`agent.admin.errors.failure`).
 """
 
 from __future__ import annotations
@@ -11,18 +11,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from agent import __version__
+from agent import __version__, admin
+from agent.admin.errors import failure, report
 from agent.config import ConfigError
-
-EXIT_OK = 0
-EXIT_NOT_FOUND = 1
-EXIT_USAGE = 2
+from agent.model import ExitCode
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, status 2
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+    def error(self, message: str) -> NoReturn:  # one line, status 2
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run the SPOE agent in the foreground")
     run.add_argument("--config", required=True, type=Path, help="agent YAML config")
-    try:
-        from agent import admin
-    except ImportError:  # pragma: no cover - admin commands ship with the package
-        admin = None  # type: ignore[assignment]
-    if admin is not None:
-        admin.add_commands(sub)
+    admin.add_commands(sub)
     return parser
 
 
@@ -49,10 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return run(args.config)
         except ConfigError as exc:
-            print(f"mqtt-affinity: config error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            known = failure(exc)  # status 2, one line
+            assert known is not None
+            return report(*known)
         except KeyboardInterrupt:
-            return EXIT_OK
+            return ExitCode.OK
     return int(args.handler(args))
 
 

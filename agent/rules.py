@@ -216,12 +216,20 @@ def predict(
     overrides: NodeOverrides,
     persistent: bool = True,
     known: frozenset[str] | None = None,
+    exact: bool = True,
 ) -> Outcome:
     """decide.lua's rules in Python: pin, then owner, then the HRW candidate.
 
     ``known`` (configured node names) only sharpens the words of ``why``.
+
+    ``exact=False`` says that ``elig`` was built from a guess, not from the agents' config
+    (the CLI without ``--config``: node list, weights and default evacuation rate unknown):
+    the HRW candidate and the evacuation rate are then not named, and ``Outcome.node`` is
+    None wherever it would be the candidate.
     """
     candidate = placement.choose(cid, elig.placeable)
+    dest = candidate if exact else None
+    to = f"moves to {candidate}" if exact else "moves to a node chosen by hash"
     prefix = ""
     pin_ignored = None
     if pin:
@@ -232,26 +240,32 @@ def predict(
         prefix = f"pin to {pin} is ignored ({pin} is {_unusable_reason(pin, elig, known, overrides)}); "
     if owner:
         if owner in elig.usable:
-            if owner in elig.evacuating and candidate and candidate != owner:
-                rate = elig.evacuating[owner]
-                return Outcome(candidate, How.MOVED,
-                               prefix + f"{owner} is evacuating: moves to {candidate} "
-                               f"(within the shared budget of {rate}/s, else stays this time)",
+            if owner in elig.evacuating and candidate and (candidate != owner or not exact):
+                budget = f"the shared budget of {elig.evacuating[owner]}/s" if exact else "the shared budget"
+                return Outcome(dest, How.MOVED,
+                               prefix + f"{owner} is evacuating: {to} (within {budget}, else stays this time)",
                                previous=owner, pin_ignored=pin_ignored, budgeted=persistent)
+            if owner in elig.evacuating:
+                # The candidate is the owner itself: only when no node takes new clients
+                # (the evacuating owner is then in the fallback set that replaced placeable).
+                return Outcome(owner, How.HIT,
+                               prefix + f"{owner} is evacuating, but no node takes new clients and the hash "
+                               f"picks {owner}: stays", pin_ignored=pin_ignored)
             if overrides.state(owner) == NodeState.DRAIN:
                 return Outcome(owner, How.HIT, prefix + f"{owner} is draining: stays", pin_ignored=pin_ignored)
             return Outcome(owner, How.HIT, prefix + f"sticks to owner {owner}", pin_ignored=pin_ignored)
         reason = _unusable_reason(owner, elig, known, overrides)
         if candidate and candidate != owner:
-            return Outcome(candidate, How.MOVED, prefix + f"{owner} is {reason}: moves to {candidate}",
+            return Outcome(dest, How.MOVED, prefix + f"{owner} is {reason}: {to}",
                            previous=owner, pin_ignored=pin_ignored)
         return Outcome(None, How.NONE, prefix + f"{owner} is {reason} and no node can take it",
                        previous=owner, pin_ignored=pin_ignored)
     if candidate is None:
         return Outcome(None, How.NONE, prefix + "no record, and no node can take new clients",
                        pin_ignored=pin_ignored)
+    on = f" on {candidate}" if exact else ""
     if persistent:
-        return Outcome(candidate, How.ASSIGNED, prefix + f"no record: will be placed on {candidate} by hash",
+        return Outcome(dest, How.ASSIGNED, prefix + f"no record: will be placed{on} by hash",
                        pin_ignored=pin_ignored)
-    return Outcome(candidate, How.NONE, prefix + f"clean session, no record: {candidate} by hash",
+    return Outcome(dest, How.NONE, prefix + f"clean session, no record: {candidate if exact else 'a node'} by hash",
                    pin_ignored=pin_ignored)

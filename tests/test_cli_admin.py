@@ -24,8 +24,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from agent.metrics import Metrics
-from agent.store import parse_overrides
+from agent.metrics import Metrics, StateCollector
+from agent.model import How
+from agent.placement import choose
+from agent.rules import parse_overrides
 from tests.support.procs import REPO_ROOT, RedisServer, free_port
 
 CLI = str(REPO_ROOT / ".venv" / "bin" / "mqtt-affinity")
@@ -40,7 +42,7 @@ class _Quiet(socketserver.BaseRequestHandler):
 class _MetricsHandler(http.server.BaseHTTPRequestHandler):
     body: bytes = b""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
+    def do_GET(self) -> None:  # the http.server API's name
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4")
         self.send_header("Content-Length", str(len(self.body)))
@@ -75,10 +77,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     live = [socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Quiet) for _ in range(2)]
     metrics = Metrics()
     for _ in range(3):
-        metrics.record_decision("hit", "node1", 0.001, None)
-    metrics.record_decision("assigned", "node2", 0.001, None)
-    metrics.record_decision("fallback", "node1", 0.001, None)
-    metrics.redis_up.set(1)
+        metrics.record_decision(How.HIT, "node1", 0.001, None)
+    metrics.record_decision(How.ASSIGNED, "node2", 0.001, None)
+    metrics.record_decision(How.FALLBACK, "node1", 0.001, None)
+    metrics.registry.register(StateCollector(list, lambda: True, lambda: None))
     handler = type("H", (_MetricsHandler,), {"body": metrics.render()})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     servers: list[socketserver.BaseServer] = [*live, httpd]
@@ -181,7 +183,9 @@ def test_pin_show_unpin_round_trip(env: Env) -> None:
 
 
 def test_pin_refused_for_unknown_down_or_maintenance_node(env: Env) -> None:
-    line = one_line_error(cli(env, "pin", "dev-2", "node9"), 2)
+    # an unknown node does not exist (1, as in every command); a node that exists but cannot
+    # take the client is a refused request (2)
+    line = one_line_error(cli(env, "pin", "dev-2", "node9"), 1)
     assert "node9" in line and "unknown" in line
     line = one_line_error(cli(env, "pin", "dev-2", "node3"), 2)
     assert "down" in line and str(env.down_port) in line
@@ -218,25 +222,37 @@ def test_show_explains_the_next_connect(env: Env) -> None:
     text = cli(env, "show", "car-7").stdout
     assert "sticks to owner node1" in text and "ha1" in text
 
+    assert doc["next"] == {"action": "stick", "node": "node1"}
+    assert doc["owner"]["node_state"] == "active" and doc["owner"]["node_health"] == "up"
+
+    # node3 is down (the closed port): the hash candidate is chosen among node1 (weight 2) and node2
+    live = [("node1", 2.0), ("node2", 1.0)]
     expected = {
-        "drain": ("node1 is draining: stays", "stay"),
-        "evacuate": ("node1 is evacuating: will move", "move"),
-        "maintenance": ("node1 is in maintenance: will move", "move"),
-    }
-    for state, (why, action) in expected.items():
+        "drain": ("node1 is draining: stays", "stay", "node1"),
+        # the only other usable node takes it, within the evacuation budget (config: 20/s)
+        "evacuate": ("node1 is evacuating: moves to node2 (within the shared budget of 20/s, else stays this time)",
+                     "move", "node2"),
+        "maintenance": ("node1 is in maintenance: moves to node2", "move", "node2"),
+    }  # fmt: skip
+    for state, (why, action, node) in expected.items():
         env.r.hset(P + b"node-state", "node1", state)
         doc = show_json(env, "car-7")
-        assert (doc["why"], doc["next"]["action"]) == (why, action), state
+        assert (doc["why"], doc["next"]["action"], doc["next"]["node"]) == (why, action, node), state
+        assert doc["owner"]["node_state"] == state
     env.r.delete(P + b"node-state")
 
     env.r.persist(P + b"owner:car-7")
     assert show_json(env, "car-7")["owner"]["ttl"] is None
     assert "never" in cli(env, "show", "car-7").stdout
 
+    target = choose(b"car-7", live)
     env.r.hset(P + b"owner:car-7", "node", "node3")  # the closed port
-    assert show_json(env, "car-7")["why"] == "node3 is down: will move"
+    doc = show_json(env, "car-7")
+    assert doc["why"] == f"node3 is down: moves to {target}"
+    assert doc["next"] == {"action": "move", "node": target} and doc["owner"]["node_health"] == "down"
+    assert "node3 (active, down)" in cli(env, "show", "car-7").stdout
     env.r.hset(P + b"owner:car-7", "node", "retired")
-    assert show_json(env, "car-7")["why"] == "retired is unknown: will move"
+    assert show_json(env, "car-7")["why"] == f"retired is unknown: moves to {target}"
 
     env.r.hset(P + b"owner:car-7", "node", "node1")
     env.r.hset(P + b"pin:car-7", "node", "node3")  # pin to a down node is ignored
@@ -248,7 +264,37 @@ def test_show_explains_the_next_connect(env: Env) -> None:
 
     env.r.delete(P + b"owner:car-7", P + b"pin:car-7")
     env.r.hset(P + b"pin:car-7", "node", "node3")
-    assert show_json(env, "car-7")["why"].endswith("no record: will be placed by hash")
+    doc = show_json(env, "car-7")
+    assert doc["why"] == f"pin to node3 is ignored (node3 is down); no record: will be placed on {target} by hash"
+    assert doc["next"] == {"action": "place", "node": target}
+
+    # nothing usable: nobody can take it
+    env.r.hset(P + b"node-state", mapping={"node1": "maintenance", "node2": "maintenance"})
+    doc = show_json(env, "car-7")
+    assert doc["why"].endswith("no record, and no node can take new clients")
+    assert doc["next"] == {"action": "none", "node": None}
+
+
+def test_show_and_nodes_when_every_node_drains(env: Env) -> None:
+    """Nothing takes new clients: the agents place on the usable nodes, and the CLI says so."""
+    env.r.hset(P + b"node-state", mapping={"node1": "drain", "node2": "drain"})  # node3 is down
+    rows = {r["node"]: r for r in json.loads(cli(env, "nodes", "--json").stdout)["nodes"]}
+    assert {n: rows[n]["effective_weight"] for n in rows} == {"node1": 2, "node2": 1, "node3": 0}
+    table = {ln.split()[0]: ln.split() for ln in cli(env, "nodes").stdout.splitlines()[1:]}
+    assert table["node1"] == ["node1", "drain", "2", "-", "2", "up", "0"]
+    assert table["node2"] == ["node2", "drain", "1", "-", "1", "up", "0"]
+
+    env.r.hset(P + b"pin:newbie", "node", "node3")  # so that show has something to show
+    doc = show_json(env, "newbie")
+    target = choose(b"newbie", [("node1", 2.0), ("node2", 1.0)])
+    assert doc["next"] == {"action": "place", "node": target}, doc
+
+    # an evacuating owner with nowhere else to go stays
+    env.r.hset(P + b"node-state", mapping={"node1": "evacuate", "node2": "maintenance"})
+    env.r.hset(P + b"owner:newbie", "node", "node1")
+    doc = show_json(env, "newbie")
+    assert doc["next"] == {"action": "stay", "node": "node1"}, doc
+    assert "node1 is evacuating, but no node takes new clients" in doc["why"]
 
 
 def test_binary_client_id_with_hex(env: Env) -> None:
@@ -279,18 +325,21 @@ def test_node_state_commands_set_what_the_agent_reads(env: Env) -> None:
     assert cli(env, "drain", "node2").returncode == 0
     assert _overrides(env).states == {"node2": "drain"}
     res = cli(env, "evacuate", "node2", "--rate", "7")
-    assert res.returncode == 0 and "was drain" in res.stdout
+    assert res.returncode == 0 and "was drain" in res.stdout and "at most 7/s" in res.stdout
     o = _overrides(env)
     assert o.states == {"node2": "evacuate"} and o.rates == {"node2": 7}
     # without --rate the configured default applies again
-    assert cli(env, "evacuate", "node2").returncode == 0
+    res = cli(env, "evacuate", "node2")
+    assert res.returncode == 0 and "was evacuate" in res.stdout and "20/s (config default)" in res.stdout
     assert _overrides(env).rates == {}
     assert cli(env, "maintenance", "node1").returncode == 0
     assert cli(env, "activate", "node2").returncode == 0
     assert _overrides(env).states == {"node1": "maintenance", "node2": "active"}
 
-    for cmd in (["drain", "node9"], ["evacuate", "node9"], ["activate", "node9"], ["maintenance", "node9"]):
-        assert "node9" in one_line_error(cli(env, *cmd), 1)
+    for cmd in (["drain", "node9"], ["evacuate", "node9"], ["activate", "node9"], ["maintenance", "node9"],
+                ["weight", "node9", "1"], ["weight", "node9", "--reset"], ["pin", "c", "node9"]):
+        line = one_line_error(cli(env, *cmd), 1)
+        assert "unknown node 'node9'" in line and "known nodes: node1, node2, node3" in line
     assert one_line_error(cli(env, "evacuate", "node1", "--rate", "0"), 2)
     assert not env.r.hexists(P + b"node-state", "node9")
 
@@ -303,7 +352,7 @@ def test_weight_set_and_reset(env: Env) -> None:
     assert cli(env, "weight", "node2", "--reset").returncode == 0
     assert not env.r.exists(P + b"node-weight")
     one_line_error(cli(env, "weight", "node2", "-1"), 2)
-    one_line_error(cli(env, "weight", "node2"), 2)
+    assert "either a weight W or --reset" in one_line_error(cli(env, "weight", "node2"), 2)
     one_line_error(cli(env, "weight", "node2", "1", "--reset"), 2)
     one_line_error(cli(env, "weight", "node9", "1"), 1)
     assert not env.r.exists(P + b"node-weight")
@@ -342,9 +391,20 @@ def test_nodes_table_counts_live_sessions(env: Env) -> None:
     url_only = ("--redis-url", env.redis.url)
     rows = {r["node"]: r for r in json.loads(run("nodes", "--json", *url_only).stdout)["nodes"]}
     assert set(rows) == {"node1", "node2", "ghost"} and rows["ghost"]["health"] == "unknown"
+    assert rows["ghost"]["configured"] is False and rows["ghost"]["configured_weight"] is None
+    assert rows["node1"]["effective_weight"] == 4 and rows["node2"]["effective_weight"] == 0
+    assert "(no --config" in run("nodes", *url_only).stdout
     assert run("pin", "x", "ghost", *url_only).returncode == 0
-    one_line_error(run("pin", "x", "node3", *url_only), 2)
+    one_line_error(run("pin", "x", "node3", *url_only), 1)  # not named in Redis: unknown
     one_line_error(run("drain", "node3", *url_only), 1)
+    # without a config the hash candidate is not named: the node list and weights are a guess
+    env.r.hset(P + b"owner:x", "node", "gone")
+    doc = json.loads(run("show", "x", "--json", *url_only).stdout)
+    assert doc["next"] == {"action": "pinned", "node": "ghost"}
+    env.r.delete(P + b"pin:x")
+    doc = json.loads(run("show", "x", "--json", *url_only).stdout)
+    assert doc["why"] == "gone is unknown: moves to a node chosen by hash"
+    assert doc["next"] == {"action": "move", "node": None}
 
 
 def test_stats_with_and_without_agent_metrics(env: Env) -> None:
@@ -370,7 +430,8 @@ def test_stats_with_and_without_agent_metrics(env: Env) -> None:
     res = cli(env, "stats", "--metrics-url", closed)
     assert res.returncode == 0, res.stderr
     assert "agent metrics: unreachable" in res.stdout
-    assert json.loads(cli(env, "stats", "--json", "--metrics-url", closed).stdout)["agent_metrics"]["reachable"] is False
+    doc = json.loads(cli(env, "stats", "--json", "--metrics-url", closed).stdout)
+    assert doc["agent_metrics"]["reachable"] is False and doc["agent_metrics"]["url"] == closed
 
 
 # --------------------------------------------------------------------------- usage and failures
@@ -385,6 +446,11 @@ def test_bad_usage_exits_2(env: Env) -> None:
     bad = env.tmp / "bad.yaml"
     bad.write_text("nodes: []\n")
     assert "config error" in one_line_error(run("nodes", "--config", str(bad)), 2)
+    # a bad Redis URL: on the command line, or in the config
+    line = one_line_error(run("nodes", "--redis-url", "redis://u:pw-123@h/abc"), 2)
+    assert line.startswith("mqtt-affinity: invalid Redis URL redis://u:***@h/abc: ") and "pw-123" not in line
+    bad.write_text(env.config.read_text().replace(env.redis.url, "redis://h/abc"))
+    assert "config error: redis_url: database must be a number" in one_line_error(run("nodes", "--config", str(bad)), 2)
     # the environment variable stands in for --config
     res = run("nodes", "--json", env_vars={"MQTT_AFFINITY_CONFIG": str(env.config)})
     assert res.returncode == 0, res.stderr
@@ -405,3 +471,60 @@ def test_unreachable_redis_exits_1_without_leaking_the_password(env: Env) -> Non
     res = run("stats", "--config", str(cfg))
     assert "cannot reach Redis at redis://:***@" in one_line_error(res, 1)
     assert "s3cret" not in res.stderr + res.stdout
+
+
+def test_a_redis_error_is_one_line_and_status_1(env: Env) -> None:
+    env.r.set(P + b"node-state", "not a hash")
+    line = one_line_error(cli(env, "nodes"), 1)
+    assert line.startswith(f"mqtt-affinity: Redis error at {env.redis.url}: ") and "WRONGTYPE" in line, line
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def test_failures_map_to_exit_codes_in_one_place() -> None:
+    from agent.admin.errors import CommandError, failure
+    from agent.config import ConfigError
+    from agent.endpoint import EndpointError
+    from agent.model import ExitCode
+
+    url = "redis://u:s3cret@h:1/0"
+    cases = {
+        CommandError(ExitCode.NOT_FOUND, "no pin\nfor x"): (ExitCode.NOT_FOUND, "no pin for x"),
+        ConfigError("nodes", "empty"): (ExitCode.USAGE, "config error: nodes: empty"),
+        EndpointError("bad"): (ExitCode.USAGE, "invalid Redis URL redis://u:***@h:1/0: bad"),
+        redis.ConnectionError("refused s3cret"): (ExitCode.NOT_FOUND,
+                                                  "cannot reach Redis at redis://u:***@h:1/0: refused ***"),
+        redis.TimeoutError("slow"): (ExitCode.NOT_FOUND, "cannot reach Redis at redis://u:***@h:1/0: slow"),
+        redis.ResponseError("WRONGTYPE x"): (ExitCode.NOT_FOUND, "Redis error at redis://u:***@h:1/0: WRONGTYPE x"),
+    }  # fmt: skip
+    for exc, expected in cases.items():
+        assert failure(exc, url) == expected, exc
+    assert failure(KeyError("a bug")) is None  # not an expected failure: the traceback stays
+
+
+def test_every_command_of_the_table_is_registered() -> None:
+    from agent import cli
+    from agent.admin import COMMANDS
+
+    parser = cli.build_parser()
+    for c in COMMANDS:
+        args = {"pin": ["c", "n"], "unpin": ["c"], "show": ["c"], "weight": ["n", "1"]}.get(c.name, ["n"])
+        if c.name in ("nodes", "stats"):
+            args = []
+        ns = parser.parse_args([c.name, *args])
+        assert ns.command == c.name and callable(ns.handler)
+        assert hasattr(ns, "json") == (c.json is not None), c.name
+
+
+def test_a_broken_admin_package_is_not_silently_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    import agent
+
+    monkeypatch.setitem(sys.modules, "agent.admin", None)  # what a broken install looks like
+    monkeypatch.delattr(agent, "admin", raising=False)
+    monkeypatch.delitem(sys.modules, "agent.cli", raising=False)
+    with pytest.raises(ImportError):  # at import, or at the latest when the commands are registered
+        importlib.import_module("agent.cli").build_parser()

@@ -1,0 +1,107 @@
+"""What the command handlers return: plain data, turned into text or JSON by :mod:`.render`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.admin.access import ClientRecord
+from agent.admin.explain import Explanation, NodeRow
+from agent.admin.scrape import AgentCounters
+from agent.model import ExitCode, NodeState
+
+__all__ = [
+    "NodesView",
+    "Pinned",
+    "Result",
+    "ShowView",
+    "StateChanged",
+    "StatsView",
+    "Unpinned",
+    "WeightChanged",
+]
+
+
+class Result:
+    """Base of every result: the exit status that goes with it (0 unless overridden)."""
+
+    @property
+    def status(self) -> ExitCode:
+        return ExitCode.OK
+
+
+@dataclass(frozen=True)
+class Pinned(Result):
+    cid: bytes
+    as_hex: bool
+    node: str
+    ttl: int | None
+
+
+@dataclass(frozen=True)
+class Unpinned(Result):
+    cid: bytes
+    as_hex: bool
+
+
+@dataclass(frozen=True)
+class StateChanged(Result):
+    node: str
+    state: NodeState
+    was: NodeState
+    #: ``evacuate --rate``; None: the agents' default.
+    rate: int | None = None
+    #: The config's ``evacuate_rate`` (None without a config).
+    default_rate: int | None = None
+
+
+@dataclass(frozen=True)
+class WeightChanged(Result):
+    node: str
+    #: The new override, or None for ``--reset``.
+    weight: float | None
+    #: ``--reset``: whether there was an override to remove.
+    removed: bool = False
+    #: The config's weight for the node (None without a config).
+    configured_weight: float | None = None
+
+
+@dataclass(frozen=True)
+class ShowView(Result):
+    cid: bytes
+    as_hex: bool
+    record: ClientRecord
+    owner_node: str | None
+    pin_node: str | None
+    owner_state: NodeState | None
+    owner_health: bool | None
+    explanation: Explanation
+
+    @property
+    def found(self) -> bool:
+        return bool(self.record.owner or self.record.pin)
+
+    @property
+    def status(self) -> ExitCode:
+        return ExitCode.OK if self.found else ExitCode.NOT_FOUND
+
+
+@dataclass(frozen=True)
+class NodesView(Result):
+    rows: list[NodeRow]
+    #: Nodes come from a config (else: the names Redis holds, unprobed).
+    exact: bool
+
+
+@dataclass(frozen=True)
+class StatsView(Result):
+    records: int
+    pins: int
+    rows: list[NodeRow]
+    metrics_url: str | None
+    counters: AgentCounters | None
+    #: Why the counters are missing.
+    error: str | None
+
+    @property
+    def sessions_total(self) -> int:
+        return sum(r.sessions for r in self.rows)
