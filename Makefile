@@ -2,15 +2,20 @@
 SHELL := /bin/bash
 PY    := .venv/bin/python
 
-.PHONY: all bootstrap test test-unit bench demo clean
+.PHONY: all bootstrap lint test test-unit bench demo clean
 
 all: test
 
 bootstrap:
 	bash scripts/bootstrap.sh
 
-# The whole suite: unit tests plus real Redis, mosquitto, HAProxy 2.6 and 3.2.
-test: bootstrap
+# ruff on everything, mypy --strict on agent/ (settings in pyproject.toml).
+lint: bootstrap
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+
+# Lint, then the whole suite: unit tests plus real Redis, mosquitto, HAProxy 2.6 and 3.2.
+test: lint
 	$(PY) -m pytest -q
 
 # No external processes (no HAProxy, Redis, brokers or agent).

@@ -46,7 +46,7 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 # Reinstall only when pyproject.toml changed since the last install.
 stamp=.venv/.mqtt-affinity-installed
-if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]] || ! .venv/bin/python -c 'import agent, pytest, paho.mqtt, redis, yaml, hypothesis' >/dev/null 2>&1; then
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]] || ! .venv/bin/python -c 'import agent, pytest, paho.mqtt, redis, yaml, hypothesis, mypy, ruff' >/dev/null 2>&1; then
     log "pip install -e '.[test]'"
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
     touch "$stamp"
