@@ -62,6 +62,7 @@ from .events import (
     SendEvent,
 )
 from .frames import (
+    DEFAULT_MAX_FRAME_SIZE,
     FLAG_FIN,
     LENGTH_PREFIX_SIZE,
     MIN_FRAME_SIZE,
@@ -79,8 +80,6 @@ from .frames import (
 
 __all__ = ["State", "SpopConnection", "DEFAULT_MAX_FRAME_SIZE"]
 
-#: HAProxy's own default (tune.bufsize 16384 minus the 4-byte length prefix).
-DEFAULT_MAX_FRAME_SIZE: Final = 16380
 
 _LEN: Final = struct.Struct(">I")
 _U32_MAX: Final = 0xFFFFFFFF

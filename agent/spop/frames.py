@@ -96,6 +96,8 @@ MIN_FRAME_SIZE: Final = 7
 #: SPOE.txt: "The maximum size supported by peers for a frame must be greater
 #: than or equal to 256 bytes."
 MIN_MAX_FRAME_SIZE: Final = 256
+#: HAProxy's own default (tune.bufsize 16384 minus the 4-byte length prefix).
+DEFAULT_MAX_FRAME_SIZE: Final = 16380
 SPOP_VERSION: Final = "2.0"
 
 _LEN: Final = struct.Struct(">I")
@@ -492,7 +494,7 @@ def encode_haproxy_disconnect(status: int, message: str) -> bytes:
 
 def encode_haproxy_hello(
     supported_versions: str = "2.0",
-    max_frame_size: int = 16380,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     capabilities: str = "pipelining",
     healthcheck: bool | None = None,
     engine_id: str | None = None,
