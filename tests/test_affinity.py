@@ -19,7 +19,7 @@ from agent.affinity import TIMEOUTS_TO_TRIP, AffinityEngine, Decision, NodeView,
 from agent.config import Config, NodeConfig
 from agent.request import NEVER_EXPIRES, ConnectRequest
 from agent.store import NodeOverrides, Store
-from tests.support.procs import RedisServer, free_port
+from devstack import RedisServer, free_port
 
 P = "mqtt-affinity:"
 NAMES = ("n1", "n2", "n3")

@@ -26,7 +26,7 @@ import redis
 
 from agent.metrics import Metrics
 from agent.store import parse_overrides
-from tests.support.procs import REPO_ROOT, RedisServer, free_port
+from devstack import REPO_ROOT, RedisServer, free_port
 
 CLI = str(REPO_ROOT / ".venv" / "bin" / "mqtt-affinity")
 P = b"mqtt-affinity:"

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from agent.redis_pipe import PipelinedRedis, RedisReplyError, encode_command, parse_redis_url
-from tests.support.procs import RedisServer, free_port, wait_until
+from devstack import RedisServer, free_port, wait_until
 
 
 # Busy-waits 200 ms inside Redis (single threaded): everything queued behind it is late.
