@@ -20,6 +20,7 @@ from devstack.haproxy import (
     NATIVE_STICK_CFG,
     SPOE_CONF,
     HAProxy,
+    find_haproxy,
     haproxy_binary,
     haproxy_env,
     haproxy_version_of,
@@ -46,7 +47,7 @@ __all__ = [
     "AGENT_DEFAULTS", "AgentProcess", "Balancer", "DISCONNECT", "DevstackError", "HAPROXY_CFG", "HAPROXY_CFG_DIR",
     "HAPROXY_VERSIONS", "HAProxy", "ManagedProcess", "Mosquitto", "NATIVE_STICK_CFG", "NODES", "PREFIX",
     "ProcessFailed", "REPO_ROOT", "RedisServer", "SPOE_CONF", "Stack", "ToolMissing", "agent_command",
-    "connect_all_at_once", "connect_packet", "free_port", "haproxy_binary", "haproxy_env", "haproxy_version_of",
-    "mqtt_connect", "parse_log_line", "port_open", "raw_connect", "read_packet", "require_binary", "stop_all",
-    "wait_until", "write_agent_config",
+    "connect_all_at_once", "connect_packet", "find_haproxy", "free_port", "haproxy_binary", "haproxy_env",
+    "haproxy_version_of", "mqtt_connect", "parse_log_line", "port_open", "raw_connect", "read_packet",
+    "require_binary", "stop_all", "wait_until", "write_agent_config",
 ]  # fmt: skip

@@ -62,6 +62,23 @@ def haproxy_binary(version: str) -> str:
     return path
 
 
+def find_haproxy(choice: str | None = None) -> tuple[str, str]:
+    """(binary, "X.Y") for a user's choice: "3.2", "2.6", a path, or None/"auto" = 3.2 if
+    installed, else 2.6. ToolMissing says how to get one."""
+    if choice in HAPROXY_VERSIONS:
+        return haproxy_binary(choice), choice
+    if choice in (None, "auto"):
+        for version in reversed(HAPROXY_VERSIONS):
+            try:
+                return haproxy_binary(version), version
+            except ToolMissing:
+                continue
+        raise ToolMissing(f"no HAProxy found (neither 3.2 nor 2.6). Fix: {_FIX_HAPROXY['2.6']}")
+    if not os.access(choice, os.X_OK):
+        raise ToolMissing(f"{choice} is not an executable HAProxy binary")
+    return choice, haproxy_version_of(choice)
+
+
 def haproxy_env(
     *,
     mqtt_port: int,

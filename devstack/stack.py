@@ -130,10 +130,11 @@ class Stack:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def _own(self, proc: ManagedProcess) -> ManagedProcess:
+    def _start(self, proc: ManagedProcess) -> None:
+        """Start ``proc`` and remember it for close() (a process that fails to start stops itself)."""
         proc.die_with_parent = self.die_with_parent
+        proc.start()
         self.processes.append(proc)
-        return proc
 
     # ------------------------------------------------------------------ building blocks
 
@@ -149,17 +150,18 @@ class Stack:
         """A redis-server of its own (only when given neither ``redis`` nor ``redis_url``)."""
         if self.redis is not None or self._redis_url is not None:
             raise RuntimeError(f"the stack already has Redis at {self.redis_url}")
-        self.redis = RedisServer(workdir=self._make_dir("redis"))
-        self._own(self.redis).start()
-        return self.redis
+        redis = RedisServer(workdir=self._make_dir("redis"))
+        self._start(redis)
+        self.redis = redis
+        return redis
 
     def start_brokers(self, *, persistence: bool = False) -> list[Mosquitto]:
         """A mosquitto broker for each node that has none yet; returns the new ones."""
         new = []
         for node in self.nodes[len(self.brokers):]:
             broker = Mosquitto(workdir=self._make_dir(node), label=node, persistence=persistence)
+            self._start(broker)
             self.brokers.append(broker)
-            self._own(broker).start()
             new.append(broker)
         return new
 
@@ -178,8 +180,8 @@ class Stack:
             overrides={**self.agent_overrides, **(overrides or {})},
         )
         agent = AgentProcess(cfg, workdir=workdir, label=name, spop_port=spop, metrics_port=metrics)
+        self._start(agent)
         self.agents[name] = agent
-        self._own(agent).start()
         if wait:
             agent.wait_listening()
         return agent
@@ -203,9 +205,9 @@ class Stack:
                               spoa_addrs=[a.addr for a in agents], balancer_name=name, extra=env)
         ha = HAProxy(self.haproxy_version, cfg_path, hap_env, workdir=self._make_dir(f"haproxy-{name}"),
                      label=name, binary=self.haproxy_binary)
+        self._start(ha)
         balancer = Balancer(name, ha, agents, port)
         self.balancers.append(balancer)
-        self._own(ha).start()
         if wait:
             self.wait_balancer_ready(balancer)
         return balancer
