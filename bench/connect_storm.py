@@ -60,21 +60,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.support.mqtt import DISCONNECT, connect_packet  # noqa: E402
-from tests.support.procs import (  # noqa: E402
+import devstack  # noqa: E402
+from devstack import (  # noqa: E402
+    DISCONNECT,
     HAPROXY_CFG,
     NATIVE_STICK_CFG,
+    NODES,
     AgentProcess,
     HAProxy,
-    Mosquitto,
-    RedisServer,
-    free_port,
+    connect_packet,
     haproxy_binary,
-    haproxy_env,
     parse_log_line,
-    wait_until,
 )
-from tests.support.stack import NODES, PREFIX, agent_config  # noqa: E402
 
 AGENT, NATIVE = "agent", "native"
 PATH_LABEL = {AGENT: "agent (SPOE + Redis)", NATIVE: "native stick table"}
@@ -305,111 +302,63 @@ def judge(path: str, lines: list[dict[str, str]], owners: dict[str, set[str]], d
 
 
 class Stack:
-    """Redis, three brokers, the agent, HAProxy+agent and HAProxy+stick table, one version."""
+    """Redis, three brokers, the agent, HAProxy+agent and HAProxy+stick table, one version.
+
+    A devstack Stack with one agent and two balancers of the same version: "storm-agent"
+    (haproxy.cfg, asking the agent) and "storm-native" (native-stick.cfg, no agent)."""
 
     def __init__(self, version: str, workdir: Path, agent_set: list[tuple[str, str]] = ()) -> None:
         self.version = version
-        self.agent_set = list(agent_set)
         self.workdir = workdir
-        self.redis: RedisServer | None = None
-        self.brokers: list[Mosquitto] = []
+        # Production log level unless --agent-set says otherwise; --agent-set replaces a
+        # top-level key of the generated YAML or adds it.
+        self.stack = devstack.Stack(version, workdir=workdir, die_with_parent=True,
+                                    agent_overrides={"log_level": "info", **dict(agent_set)})
         self.agent: AgentProcess | None = None
         self.haproxy: dict[str, HAProxy] = {}
         self.ports: dict[str, int] = {}
         self.metrics_port = 0
 
     def start(self) -> None:
-        wd = self.workdir
-        self.redis = RedisServer(workdir=wd / "redis").start()
-        for node in NODES:
-            self.brokers.append(Mosquitto(workdir=wd / node, label=node).start())
-        spop, self.metrics_port = free_port(), free_port()
-        (wd / "agent").mkdir(parents=True, exist_ok=True)
-        cfg = agent_config(wd / "agent" / "agent.yaml", spop_port=spop, metrics_port=self.metrics_port,
-                           redis_url=self.redis.url, brokers=self.brokers)
-        # agent_config() is the test suite's: make sure the benchmark runs at production log level.
-        # --agent-set replaces a top-level key (the loader rejects duplicates) or adds it.
-        lines = cfg.read_text().replace("log_level: debug", "log_level: info").splitlines()
-        for key, value in self.agent_set:
-            hit = [i for i, ln in enumerate(lines) if ln.startswith(f"{key}:")]
-            if hit:
-                lines[hit[0]] = f"{key}: {value}"
-            else:
-                lines.append(f"{key}: {value}")
-        cfg.write_text("\n".join(lines) + "\n")
-        self.agent = AgentProcess(cfg, workdir=wd / "agent").start()
-        self.agent.wait_listening(spop)
-        addrs = [b.addr for b in self.brokers]
+        s = self.stack
+        s.start_redis()
+        s.start_brokers()
+        self.agent = s.start_agent("storm")
+        self.metrics_port = self.agent.metrics_port or 0
         for path, cfg_path in ((AGENT, HAPROXY_CFG), (NATIVE, NATIVE_STICK_CFG)):
-            port = free_port()
-            env = haproxy_env(mqtt_port=port, broker_addrs=addrs, spoa_port=spop, balancer_name=f"storm-{path}")
-            self.haproxy[path] = HAProxy(self.version, cfg_path, env, workdir=wd / f"haproxy-{path}", label=path)
-            self.haproxy[path].start()
-            self.ports[path] = port
-        for ha in self.haproxy.values():
-            for node in NODES:
-                ha.wait_server_status("be_mqtt", node, "UP", timeout=15)
-        self.haproxy[AGENT].wait_server_status("be_spoa", "spoa1", "UP", timeout=15)
+            bal = s.start_balancer(f"storm-{path}", agents=[self.agent] if path == AGENT else [], cfg_path=cfg_path)
+            self.haproxy[path] = bal.haproxy
+            self.ports[path] = bal.port
+        s.wait_ready(timeout=15)
         for node in NODES:  # the agent's own probes: until then it would place nobody
-            want = f'mqtt_affinity_node_up{{node="{node}"}} 1.0'
-            wait_until(lambda: want in self._metrics_text(), timeout=15, interval=0.1,
-                       message=f"agent never saw {node} up")
-
-    def _metrics_text(self) -> str:
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).read().decode()
-        except OSError:
-            return ""
+            s.wait_agents_see(node, up=True, timeout=15)
 
     def cpu(self) -> dict[str, float]:
         """Cumulative CPU seconds per component."""
+        redis = self.stack.redis
         return {
             "client": self_cpu(),
             "haproxy-agent": proc_cpu(self.haproxy[AGENT].pid),
             "haproxy-native": proc_cpu(self.haproxy[NATIVE].pid),
             "agent": proc_cpu(self.agent.pid if self.agent else None),
-            "redis": proc_cpu(self.redis.pid if self.redis else None),
-            "brokers": sum(proc_cpu(b.pid) for b in self.brokers),
+            "redis": proc_cpu(redis.pid if redis else None),
+            "brokers": sum(proc_cpu(b.pid) for b in self.stack.brokers),
             "machine": machine_busy(),
         }
 
     def dropped_logs(self, path: str) -> int:
         """HAProxy's own count of log lines it could not write (it drops rather than block)."""
-        for line in self.haproxy[path].runtime("show info").splitlines():
-            if line.startswith("DroppedLogs:"):
-                return int(line.split(":", 1)[1])
-        return 0
+        return int(self.haproxy[path].info().get("DroppedLogs", 0))
 
     def redis_owners(self, cids: list[bytes]) -> dict[str, str | None]:
-        import redis as redis_sync
-
-        assert self.redis is not None
-        r = redis_sync.Redis.from_url(self.redis.url, socket_timeout=5)
-        try:
-            pipe = r.pipeline(transaction=False)
-            for cid in cids:
-                pipe.hget(PREFIX.encode() + b"owner:" + cid, "node")
-            return {cid.decode(): (v.decode() if v else None) for cid, v in zip(cids, pipe.execute())}
-        finally:
-            r.close()
+        return self.stack.owners(cids)
 
     def dead(self) -> list[str]:
         """Names of the stack's processes that have exited."""
-        procs = [self.redis, *self.brokers, self.agent, *self.haproxy.values()]
-        return [p.name for p in procs if p is not None and not p.running]
+        return self.stack.exited()
 
     def stop(self) -> None:
-        procs = [*self.haproxy.values(), self.agent, *self.brokers, self.redis]
-        for p in procs:
-            if p is None:
-                continue
-            try:
-                p.stop(timeout=5)
-            except Exception:
-                try:
-                    p.kill()
-                except Exception:
-                    pass
+        self.stack.close()
 
 
 # --------------------------------------------------------------------------- one version

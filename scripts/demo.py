@@ -22,26 +22,28 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+for path in (HERE.parent, HERE):  # the repo root (devstack, agent) and scripts/ (demo_support)
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 try:
-    import redis as redis_client
-
-    import demo_support as ds
+    import devstack
     from agent import placement
+    from devstack import NODES, Balancer, DevstackError, Mosquitto, Stack, ToolMissing
+    from devstack.paho_client import SessionClient, connect_once, publish_direct
 except ImportError as exc:  # pragma: no cover - a machine without `make bootstrap`
     print(f"demo: {exc}: run `make bootstrap` and start the demo with .venv/bin/python (or `make demo`)",
           file=sys.stderr)
     sys.exit(2)
 
-from demo_support import NODES, DemoError, Interrupted, Out, SetupError, expect, rel
+from demo_support import DemoError, Interrupted, Out, expect, rel, tail, wait_for  # noqa: E402
 
-PREFIX = "mqtt-affinity:"  # the agents' default key_prefix
+SESSION_EXPIRY = 300  # seconds, MQTT 5 clients
 CLIENTS = [  # (client id, MQTT protocol): all keep a session on the broker
     ("sensor-01", "3.1.1"),
     ("sensor-02", "5"),
@@ -56,48 +58,31 @@ MAX_RUN_DIRS = 5
 
 
 class Demo:
-    def __init__(self, out: Out, haproxy_bin: str, haproxy_version: str, run_dir: Path, sock_dir: Path) -> None:
+    def __init__(self, out: Out, haproxy_bin: str, haproxy_version: str, run_dir: Path) -> None:
         self.out = out
         self.haproxy_bin = haproxy_bin
         self.haproxy_version = haproxy_version
         self.run_dir = run_dir
-        self.sock_dir = sock_dir
-        self.procs: list[ds.Proc] = []
-        self.redis: ds.Redis | None = None
-        self.brokers: list[ds.Broker] = []
-        self.balancers: list[ds.Balancer] = []
+        # die_with_parent: even a SIGKILLed demo leaves no process behind.
+        self.stack = Stack(haproxy_version, workdir=run_dir, haproxy_binary=haproxy_bin, die_with_parent=True)
         self.shown: list[str] = []
-        self._r: redis_client.Redis | None = None
         self.session_present: bool | None = None  # of the last via()
 
     # ------------------------------------------------------------------ stack
 
     def start(self) -> None:
-        """Start every process on free ports; retried once by main() (a port can be taken in between)."""
-        ports = ds.free_ports(1 + 3 + 2 * 3)
-        self.redis = ds.start_redis(self.run_dir / "redis", ports[0], register=self.procs.append)
-        for i, name in enumerate(NODES):
-            b = ds.make_broker(name, self.run_dir / name, ports[1 + i])
-            self.procs.append(b.proc)
-            b.start()
-            self.brokers.append(b)
-        for i, name in enumerate(("ha1", "ha2")):
-            bal = ds.start_balancer(name, self.run_dir / name, haproxy_bin=self.haproxy_bin, redis=self.redis,
-                                    brokers=self.brokers, ports=ports[4 + 3 * i: 7 + 3 * i], sockdir=self.sock_dir,
-                                    register=self.procs.append)
-            self.balancers.append(bal)
-        for bal in self.balancers:
-            for node in NODES:
-                bal.wait_status("be_mqtt", node, "UP")
-            bal.wait_status("be_spoa", "spoa1", "UP")
+        """Redis, node1..node3, ha1 and ha2 each with its agent, on free ports; retried once by
+        main() (a port can be taken in between). Stops what it started if it fails."""
+        self.stack.start(balancers=2)
 
     def describe(self, seconds: float) -> None:
         out = self.out
-        assert self.redis is not None
-        rows = [["redis", f"127.0.0.1:{self.redis.port}", "the shared placement store"]]
-        rows += [[b.name, b.addr, "mosquitto broker"] for b in self.brokers]
-        for bal in self.balancers:
-            rows.append([bal.name, f"127.0.0.1:{bal.mqtt_port}",
+        redis = self.stack.redis
+        assert redis is not None
+        rows = [["redis", f"127.0.0.1:{redis.port}", "the shared placement store"]]
+        rows += [[b.label, b.addr, "mosquitto broker"] for b in self.stack.brokers]
+        for bal in self.stack.balancers:
+            rows.append([bal.name, f"127.0.0.1:{bal.port}",
                          f"HAProxy {self.haproxy_version} + its own agent (SPOP :{bal.spop_port}, "
                          f"metrics :{bal.metrics_port})"])
         out.table(["PROCESS", "LISTENS ON", "ROLE"], rows)
@@ -105,51 +90,52 @@ class Demo:
                f"logs in {rel(self.run_dir)}/")
 
     def stop(self) -> None:
-        # HAProxy first (no new connections), then the agents, brokers, Redis.
-        order = sorted(self.procs, key=lambda p: (0 if p.name.startswith("haproxy") else
-                                                  1 if p.name.startswith("agent") else
-                                                  3 if p.name == "redis" else 2))
-        ds.stop_all(order)
-        if self._r is not None:
-            try:
-                self._r.close()
-            except Exception:
-                pass
-
-    @property
-    def r(self) -> redis_client.Redis:
-        if self._r is None:
-            assert self.redis is not None
-            self._r = redis_client.Redis.from_url(self.redis.url, socket_timeout=2)
-        return self._r
+        self.stack.close()  # HAProxy first (no new connections), then the agents, brokers, Redis
 
     def owner(self, cid: str) -> str | None:
-        node = self.r.hget(f"{PREFIX}owner:{cid}".encode(), "node")
-        return node.decode() if node else None
+        return self.stack.owner(cid)
 
-    def broker(self, node: str) -> ds.Broker:
-        return self.brokers[NODES.index(node)]
+    def broker(self, node: str) -> Mosquitto:
+        return self.stack.broker(node)
 
     @property
-    def ha1(self) -> ds.Balancer:
+    def balancers(self) -> list[Balancer]:
+        return self.stack.balancers
+
+    @property
+    def ha1(self) -> Balancer:
         return self.balancers[0]
 
     @property
-    def ha2(self) -> ds.Balancer:
+    def ha2(self) -> Balancer:
         return self.balancers[1]
 
     # ------------------------------------------------------------------ helpers
 
-    def via(self, bal: ds.Balancer, cid: str, protocol: str) -> dict[str, str]:
+    def via(self, bal: Balancer, cid: str, protocol: str) -> dict[str, str]:
         """Connect ``cid`` through ``bal`` (keeping its session) and return HAProxy's log line for it."""
-        before = len(bal.lines_for(cid))
-        self.session_present = ds.connect_once(bal.mqtt_port, cid, protocol)
-        return bal.wait_line(cid, before)
+        before = len(bal.lines(cid))
+        try:
+            res = connect_once(bal.port, cid, protocol=protocol, clean=False,
+                               session_expiry=SESSION_EXPIRY if protocol == "5" else None)
+        except (OSError, TimeoutError) as exc:
+            raise DemoError(f"{cid}: no CONNACK through {bal.name} (port {bal.port}): {exc}") from None
+        if not res.ok:
+            raise DemoError(f"{cid}: {bal.name} (port {bal.port}) refused the CONNECT (reason {res.reason_code})")
+        self.session_present = res.session_present
+        return self.line(bal, cid, before)
 
-    def cli(self, *args: str, bal: ds.Balancer | None = None, status: int = 0) -> str:
+    @staticmethod
+    def line(bal: Balancer, cid: str, before: int) -> dict[str, str]:
+        """HAProxy's log line for the connection of ``cid`` that came after the ``before`` earlier ones."""
+        return wait_for(lambda: len(lines := bal.lines(cid)) > before and lines[before], 5,
+                        f"HAProxy {bal.name} to log the connection of {cid!r}",
+                        detail=lambda: tail(bal.haproxy.log_text(), 10))
+
+    def cli(self, *args: str, bal: Balancer | None = None, status: int = 0) -> str:
         """Run the real `mqtt-affinity` CLI against ``bal``'s agent config and print what it says."""
-        cfg = (bal or self.ha1).agent_config
-        argv = [ds.agent_command(), *args, "--config", str(cfg)]
+        cfg = (bal or self.ha1).agent.config_path
+        argv = [devstack.agent_command(), *args, "--config", str(cfg)]
         try:
             res = subprocess.run(argv, capture_output=True, text=True, timeout=20)
         except subprocess.TimeoutExpired:
@@ -173,15 +159,15 @@ class Demo:
         t0 = time.monotonic()
         want = f'mqtt_affinity_node_state{{node="{node}",state="{state}"}} 1.0'
 
-        def applied(bal: ds.Balancer) -> bool:
+        def applied(bal: Balancer) -> bool:
             try:
-                return want in bal.metrics()
+                return want in bal.agent.metrics_text()
             except OSError:
                 return False
 
         for bal in self.balancers:
-            ds.wait_until(lambda bal=bal: applied(bal), 10, f"agent {bal.name} to report {node} as {state}",
-                          interval=0.1)
+            wait_for(lambda bal=bal: applied(bal), 10, f"agent {bal.name} to report {node} as {state}",
+                     interval=0.1)
         return time.monotonic() - t0
 
     # ------------------------------------------------------------------ 1. placement
@@ -198,7 +184,7 @@ class Demo:
             b = self.via(self.ha2, cid, proto)
             owner = self.owner(cid)
             agree = a["server"] == b["server"] == owner and a["node"] == a["server"] and b["node"] == b["server"]
-            rows.append([cid, ds.Client(cid, proto).label, self.cell(a), self.cell(b), owner or "-",
+            rows.append([cid, session_label(proto), self.cell(a), self.cell(b), owner or "-",
                          out.tick if agree else out.cross])
             if not (agree and a["how"] == "assigned" and b["how"] == "hit"):
                 bad.append(f"{cid}: ha1 {a['node']}/{a['server']} how={a['how']}, ha2 {b['node']}/{b['server']} "
@@ -217,33 +203,33 @@ class Demo:
     def step_session(self) -> None:
         out = self.out
         out.step(2, "A persistent session survives a balancer switch",
-                 f"{INBOX} (MQTT 5, session expiry {ds.SESSION_EXPIRY}s) subscribes at QoS 1 through ha1 and "
+                 f"{INBOX} ({session_label('5')}) subscribes at QoS 1 through ha1 and "
                  "goes offline.",
                  "Messages for it queue on its broker; it comes back through ha2 and must land on that same broker.")
         topic = f"inbox/{INBOX}"
-        sub = ds.Client(INBOX, "5")
-        before = len(self.ha1.lines_for(INBOX))
-        sub.connect(self.ha1.mqtt_port)
+        sub = SessionClient(INBOX, "5", session_expiry=SESSION_EXPIRY)
+        before = len(self.ha1.lines(INBOX))
+        sub.connect(self.ha1.port)
         sub.subscribe(topic)
         sub.disconnect()
-        first = self.ha1.wait_line(INBOX, before)
+        first = self.line(self.ha1, INBOX, before)
         owner = self.owner(INBOX)
         out.info(f"via ha1: {INBOX} -> {self.cell(first)}, subscribed to {topic!r} (QoS 1), disconnected")
         expect(owner is not None and first["server"] == owner, f"its session lives on {owner} (Redis owner = "
                "HAProxy's server)", out, lambda: f"HAProxy sent it to {first['server']}, Redis says {owner}")
 
         payloads = [f"reading {i} of 5 (queued while offline)".encode() for i in range(1, 6)]
-        ds.publish_direct(self.broker(owner).port, topic, payloads)
+        publish_direct(self.broker(owner).port, topic, payloads)
         out.info(f"published 5 QoS 1 messages straight to {owner} (port {self.broker(owner).port}), "
                  "bypassing the balancers")
 
-        before = len(self.ha2.lines_for(INBOX))
-        sub.connect(self.ha2.mqtt_port)
+        before = len(self.ha2.lines(INBOX))
+        sub.connect(self.ha2.port)
         try:
             got = sub.wait_messages(len(payloads), timeout=5)
         finally:
             sub.disconnect()
-        back = self.ha2.wait_line(INBOX, before)
+        back = self.line(self.ha2, INBOX, before)
         out.info(f"via ha2: {INBOX} -> {self.cell(back)}, session present: {sub.session_present}")
         for t, p in got:
             out.info(f"  received on {t}: {p.decode(errors='replace')}")
@@ -353,24 +339,24 @@ class Demo:
         out.step(5, "Broker failure: the owner dies",
                  f"{cid} lives on {old}. Its broker is killed (SIGKILL). Each agent's health check notices;",
                  "the next CONNECT, through either balancer, moves the client once and both follow the new record.")
-        pid = broker.proc.pid
-        broker.proc.kill()
+        pid = broker.pid
+        broker.kill()
         out.info(f"killed mosquitto {old} (pid {pid})")
         t0 = time.monotonic()
         for bal in self.balancers:
-            ds.wait_until(lambda bal=bal: bal.agent_says(f"node {old} is down"), 5,
-                          f"agent {bal.name} to notice that {old} is down",
-                          detail=lambda bal=bal: ds.tail(bal.agent.log))
+            wait_for(lambda bal=bal: f"node {old} is down" in bal.agent.log_text(), 5,
+                     f"agent {bal.name} to notice that {old} is down",
+                     detail=lambda bal=bal: tail(bal.agent.log_text()))
         seen_agents = time.monotonic() - t0
         for bal in self.balancers:
-            bal.wait_status("be_mqtt", old, "DOWN", timeout=8)
+            bal.haproxy.wait_server_status("be_mqtt", old, "DOWN", timeout=8)
         out.info(f"both agents saw it down after {seen_agents:.1f}s, both HAProxy after "
                  f"{time.monotonic() - t0:.1f}s")
-        client = ds.Client(cid, proto)
-        before = len(self.ha2.lines_for(cid))
-        client.connect(self.ha2.mqtt_port)
+        client = SessionClient(cid, proto, session_expiry=SESSION_EXPIRY)
+        before = len(self.ha2.lines(cid))
+        client.connect(self.ha2.port)
         client.disconnect()
-        moved = self.ha2.wait_line(cid, before)
+        moved = self.line(self.ha2, cid, before)
         new = self.owner(cid)
         out.info(f"via ha2: {cid} -> {self.cell(moved)}")
         expect(moved["how"] == "moved" and moved["server"] == moved["node"] == new and new not in (None, old),
@@ -396,42 +382,48 @@ class Demo:
             b = self.broker(killed)
             b.start()
             for bal in self.balancers:
-                bal.wait_status("be_mqtt", killed, "UP", timeout=10)
-            out.info(f"restarted {killed} (mosquitto pid {b.proc.pid}) so the cluster is whole again")
+                bal.haproxy.wait_server_status("be_mqtt", killed, "UP", timeout=10)
+            out.info(f"restarted {killed} (mosquitto pid {b.pid}) so the cluster is whole again")
         out.print()
         out.print(out.bold("The stack keeps running until Ctrl-C."))
-        rows = [[bal.name, f"127.0.0.1:{bal.mqtt_port}", f"http://127.0.0.1:{bal.metrics_port}/metrics",
-                 rel(bal.haproxy.log)] for bal in self.balancers]
+        rows = [[bal.name, f"127.0.0.1:{bal.port}", f"http://127.0.0.1:{bal.metrics_port}/metrics",
+                 rel(bal.haproxy.log_path)] for bal in self.balancers]
         out.table(["BALANCER", "MQTT", "AGENT METRICS", "HAPROXY LOG"], rows)
-        out.info("brokers: " + ", ".join(f"{b.name} 127.0.0.1:{b.port}" for b in self.brokers)
-                 + f"; redis {self.redis.url if self.redis else '-'}")
+        out.info("brokers: " + ", ".join(f"{b.label} {b.addr}" for b in self.stack.brokers)
+                 + f"; redis {self.stack.redis_url}")
         out.print()
-        cli = f"{rel(ds.agent_command())} {{}} --config {rel(self.ha1.agent_config)}"
-        ports = ", ".join(f"{b.name} {b.port}" for b in self.brokers)
+        cli = f"{rel(devstack.agent_command())} {{}} --config {rel(self.ha1.agent.config_path)}"
+        ports = ", ".join(f"{b.label} {b.port}" for b in self.stack.brokers)
         out.info("Try it (mosquitto_sub/_pub come with the Debian package mosquitto-clients):")
-        out.info(f"  mosquitto_sub -h 127.0.0.1 -p {self.ha1.mqtt_port} -i my-client -c -q 1 -t 'demo/#' -v"
+        out.info(f"  mosquitto_sub -h 127.0.0.1 -p {self.ha1.port} -i my-client -c -q 1 -t 'demo/#' -v"
                  "    # via ha1, keeps a session")
         out.info("  " + cli.format("show my-client") + "    # which broker owns it")
         out.info(f"  mosquitto_pub -h 127.0.0.1 -p <that broker's port: {ports}> -q 1 -t demo/hello -m hi")
         out.info(out.dim("    (publish on the owner broker: the brokers are independent, not bridged)"))
-        out.info(f"  mosquitto_sub -h 127.0.0.1 -p {self.ha2.mqtt_port} -i my-client -c -q 1 -t 'demo/#' -v"
+        out.info(f"  mosquitto_sub -h 127.0.0.1 -p {self.ha2.port} -i my-client -c -q 1 -t 'demo/#' -v"
                  "    # via ha2: the same broker")
         out.info("  " + cli.format("nodes"))
-        out.info(f"  tail -f {rel(self.ha1.haproxy.log)}")
+        out.info(f"  tail -f {rel(self.ha1.haproxy.log_path)}")
         while True:
             time.sleep(1)
-            dead = [p for p in self.procs if p.popen is not None and not p.alive]
-            if dead:
-                for p in dead:
-                    out.info(out.yellow(f"{p.name} exited (status {p.popen.returncode}); log {rel(p.log)}"))
-                    self.procs.remove(p)
+            for p in self.stack.processes:
+                if p.proc is not None and p.proc.poll() is not None:
+                    status = p.wait_stopped(0)
+                    out.info(out.yellow(f"{p.name} exited (status {status}); log {rel(p.log_path)}"))
+
+
+# ---------------------------------------------------------------------- setup
+
+
+def session_label(protocol: str) -> str:
+    return f"MQTT 5, session expiry {SESSION_EXPIRY}s" if protocol == "5" else "MQTT 3.1.1, clean-session=0"
 
 
 # ---------------------------------------------------------------------- run directory
 
 
 def make_run_dir() -> Path:
-    base = ds.REPO_ROOT / ".demo"
+    base = devstack.REPO_ROOT / ".demo"
     base.mkdir(exist_ok=True)
     # Keep the newest few runs (failed runs keep their logs); never touch a running demo's.
     old = sorted((p for p in base.glob("run-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
@@ -472,31 +464,28 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     demo: Demo | None = None
     run_dir: Path | None = None
-    tmp_sock: Path | None = None
     status = 1
     interrupted = False
     try:
-        haproxy_bin, version = ds.choose_haproxy(args.haproxy)
+        haproxy_bin, version = devstack.find_haproxy(args.haproxy)
         for binary, package in (("redis-server", "redis-server"), ("mosquitto", "mosquitto")):
-            ds.find_binary(binary, package)
-        ds.agent_command()
+            devstack.require_binary(binary, package)
+        devstack.agent_command()
         run_dir = make_run_dir()
-        sock_dir = run_dir
-        if len(str(run_dir / "ha1.sock")) > 100:  # AF_UNIX paths are limited to ~108 bytes
-            tmp_sock = Path(tempfile.mkdtemp(prefix="mqtt-affinity-demo-"))
-            sock_dir = tmp_sock
         out.title("mqtt-affinity demo: sticky MQTT sessions across HAProxy balancers")
-        out.info(f"HAProxy {version} ({rel(haproxy_bin)}), the shipped {rel(ds.HAPROXY_CFG)} "
-                 f"and {rel(ds.SPOE_CONF)}")
+        out.info(f"HAProxy {version} ({rel(haproxy_bin)}), the shipped {rel(devstack.HAPROXY_CFG)} "
+                 f"and {rel(devstack.SPOE_CONF)}")
         out.step(0, "Bringing up the stack",
                  "Every process below is started by this script on a free port and stopped when it ends.")
         t0 = time.monotonic()
         for attempt in (1, 2):
-            demo = Demo(out, haproxy_bin, version, run_dir, sock_dir)
+            demo = Demo(out, haproxy_bin, version, run_dir)
             try:
                 demo.start()
                 break
-            except DemoError as exc:
+            except ToolMissing:
+                raise
+            except (DevstackError, TimeoutError) as exc:
                 if attempt == 2:
                     raise
                 # Most likely a port that another program took between our choice and the bind.
@@ -519,13 +508,13 @@ def main(argv: list[str] | None = None) -> int:
         status = 0
         if args.keep:
             demo.keep(killed)
-    except DemoError as exc:
+    except ToolMissing as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        status = 2
+    except (DemoError, DevstackError, TimeoutError) as exc:  # a check, a process or a wait failed
         out.print()
         out.print(out.red(out.bold("DEMO FAILED: ")) + str(exc))
         status = 1
-    except SetupError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
-        status = 2
     except (Interrupted, KeyboardInterrupt) as exc:
         out.print()
         name = str(exc) or "SIGINT"
@@ -541,14 +530,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if demo is not None:
             demo.stop()
-            out.print(out.dim(f"Stopped the {len(demo.procs)} processes this demo started."))
-        if tmp_sock is not None:
-            shutil.rmtree(tmp_sock, ignore_errors=True)
+            out.print(out.dim(f"Stopped the {len(demo.stack.processes)} processes this demo started."))
         if run_dir is not None:
             if status == 0 or interrupted:
                 shutil.rmtree(run_dir, ignore_errors=True)
             else:
-                out.print(f"Logs of this run are kept in {rel(run_dir)}/ (haproxy.log, agent.log, broker.log, ...)")
+                out.print(f"Logs of this run are kept in {rel(run_dir)}/ (one folder per process: haproxy-ha1/, "
+                          "agent-ha1/, node1/, redis/, ...)")
     return status
 
 

@@ -17,10 +17,14 @@ Fixtures (all stop what they started at teardown, also when the test fails):
 - ``agent_factory(config_path, env=None, *, extra_args=()) -> AgentProcess`` (started; call
   ``.wait_listening(port)``).
 - ``tmp_workdir(name) -> Path``: a fresh subfolder of ``tmp_path`` for a process.
+- ``stack`` -> devstack ``Stack``: ``redis_server``, ``brokers`` and two balancers ha1, ha2
+  (HAProxy ``haproxy_version`` + its own agent each). ``stack_factory(balancers=2) -> Stack``
+  builds one with another number of balancers. Closed (HAProxy and agents stopped) at teardown.
 
+The classes and helpers are the ``devstack`` package (shared with bench/ and scripts/demo.py).
 Tests that use any of these process fixtures, or carry the ``haproxy`` marker, are marked
 ``integration`` automatically: ``make test-unit`` runs ``-m "not integration"``. A test that
-starts processes by hand (through tests/support/procs.py directly) should be marked
+starts processes by hand (through devstack directly) should be marked
 ``@pytest.mark.integration`` itself.
 """
 
@@ -33,27 +37,30 @@ from pathlib import Path
 
 import pytest
 
-# `tests` has no __init__.py: make `tests.support` importable under plain `pytest` too
-# (python -m pytest already has the repo root on sys.path).
+# `tests` has no __init__.py: make `devstack` and `tests.support` importable under plain
+# `pytest` too (python -m pytest already has the repo root on sys.path).
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from tests.support.procs import (  # noqa: E402
+from devstack import (  # noqa: E402
     HAPROXY_CFG,
     HAPROXY_VERSIONS,
     AgentProcess,
     HAProxy,
     Mosquitto,
     RedisServer,
+    Stack,
     ToolMissing,
     haproxy_binary,
 )
 
-
 PROCESS_FIXTURES = frozenset(
-    {"redis_server", "redis_server_session", "brokers", "haproxy_version", "haproxy_factory", "agent_factory"}
-)
+    {
+        "redis_server", "redis_server_session", "brokers", "haproxy_version", "haproxy_factory", "agent_factory",
+        "stack", "stack_factory",
+    }
+)  # fmt: skip
 
 
 def pytest_configure(config) -> None:
@@ -201,8 +208,24 @@ def agent_factory(tmp_workdir) -> Iterator[Callable[..., AgentProcess]]:
 
 
 @pytest.fixture
-def stack(tmp_workdir, redis_server, brokers, haproxy_factory, agent_factory):
-    """Redis, three brokers, and two balancers (HAProxy + its own agent) sharing that Redis."""
-    from tests.support.stack import build_stack
+def stack_factory(tmp_workdir, redis_server, brokers, haproxy_version) -> Iterator[Callable[..., Stack]]:
+    """``make(balancers=2) -> Stack`` on ``redis_server`` and ``brokers``, every HAProxy seeing
+    its brokers and its agent UP. Each stack is closed at teardown (its HAProxy and agents)."""
+    stacks: list[Stack] = []
 
-    return build_stack(tmp_workdir, redis_server, brokers, haproxy_factory, agent_factory)
+    def make(balancers: int = 2) -> Stack:
+        s = Stack(haproxy_version, workdir=tmp_workdir, redis=redis_server, brokers=brokers)
+        stacks.append(s)
+        return s.start(balancers=balancers)
+
+    try:
+        yield make
+    finally:
+        for s in stacks:
+            s.close()
+
+
+@pytest.fixture
+def stack(stack_factory) -> Stack:
+    """Redis, three brokers, and two balancers (HAProxy + its own agent) sharing that Redis."""
+    return stack_factory(2)

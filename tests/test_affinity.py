@@ -21,7 +21,7 @@ from agent.config import Config, NodeConfig
 from agent.core import Core
 from agent.request import NEVER_EXPIRES, ConnectRequest
 from agent.rules import NodeOverrides, NodeView, eligibility
-from tests.support.procs import RedisServer, free_port
+from devstack import RedisServer, free_port
 
 P = "mqtt-affinity:"
 NAMES = ("n1", "n2", "n3")

@@ -10,7 +10,7 @@ import pytest
 
 from agent.app import App
 from agent.config import Config, NodeConfig
-from tests.support.procs import free_port
+from devstack import free_port
 
 pytestmark = pytest.mark.integration
 

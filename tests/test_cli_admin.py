@@ -28,7 +28,7 @@ from agent.metrics import Metrics, StateCollector
 from agent.model import How
 from agent.placement import choose
 from agent.rules import parse_overrides
-from tests.support.procs import REPO_ROOT, RedisServer, free_port
+from devstack import REPO_ROOT, RedisServer, free_port
 
 CLI = str(REPO_ROOT / ".venv" / "bin" / "mqtt-affinity")
 P = b"mqtt-affinity:"

@@ -6,9 +6,8 @@ import asyncio
 
 import pytest
 
-from tests.support.paho_client import connect_once
-from tests.support.stack import NODES, Stack, connect_all_at_once
-from tests.support.procs import wait_until
+from devstack import NODES, Stack, connect_all_at_once, wait_until
+from devstack.paho_client import connect_once
 
 pytestmark = pytest.mark.haproxy
 

@@ -1,22 +1,22 @@
 """The shipped HAProxy configs, on HAProxy 2.6 and 3.2, with real brokers and no agent.
 
-Also the end-to-end proof of the process fixtures (tests/support/procs.py).
+Also the end-to-end proof of the process classes (the devstack package).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.support.paho_client import connect_once
-from tests.support.procs import (
+from devstack import (
     HAPROXY_CFG,
     NATIVE_STICK_CFG,
     HAProxy,
-    MiniSpoa,
     free_port,
     haproxy_env,
     parse_log_line,
 )
+from devstack.paho_client import connect_once
+from tests.support.mini_spoa import MiniSpoa
 
 pytestmark = pytest.mark.haproxy
 

@@ -16,8 +16,7 @@ import pytest
 
 from agent.server import SpopServer
 from agent.spop import Message, Scope, SetVar
-from tests.support.mqtt import DISCONNECT, connect_packet, read_packet
-from tests.support.procs import HAPROXY_CFG, free_port, haproxy_env, wait_until
+from devstack import DISCONNECT, HAPROXY_CFG, connect_packet, free_port, haproxy_env, read_packet, wait_until
 
 pytestmark = pytest.mark.haproxy
 

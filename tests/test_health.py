@@ -26,7 +26,7 @@ from agent.health import (
     probe_mqtt,
     probe_tcp,
 )
-from tests.support.procs import Mosquitto, free_port
+from devstack import Mosquitto, free_port
 
 T = TypeVar("T")
 DEADLINE = 20.0  # generous: only bounds a broken test, never asserts speed

@@ -13,8 +13,7 @@ import urllib.request
 import pytest
 
 from agent import __version__
-from tests.support.procs import wait_until
-from tests.support.stack import NODES, Stack, build_stack, raw_connect
+from devstack import NODES, Stack, raw_connect, wait_until
 
 pytestmark = pytest.mark.haproxy
 
@@ -56,8 +55,8 @@ def total(samples: Samples, name: str) -> float:
 
 
 @pytest.fixture
-def one_balancer(tmp_workdir, redis_server, brokers, haproxy_factory, agent_factory) -> Stack:
-    return build_stack(tmp_workdir, redis_server, brokers, haproxy_factory, agent_factory, count=1)
+def one_balancer(stack_factory) -> Stack:
+    return stack_factory(balancers=1)
 
 
 def test_metrics_follow_decisions_and_readiness_follows_redis(one_balancer: Stack, haproxy_version):

@@ -20,8 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import pytest
 
-from tests.support.procs import agent_command, wait_until
-from tests.support.stack import NODES, PREFIX, Balancer, Stack, raw_connect
+from devstack import NODES, PREFIX, Balancer, Stack, agent_command, raw_connect, wait_until
 
 pytestmark = pytest.mark.haproxy
 

@@ -16,8 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.support.procs import wait_until
-from tests.support.stack import Stack
+from devstack import Stack, wait_until
 
 pytestmark = pytest.mark.haproxy
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.procs import wait_until
-from tests.support.stack import NODES, Stack, raw_connect
+from devstack import NODES, Stack, raw_connect, wait_until
 
 pytestmark = pytest.mark.haproxy
 

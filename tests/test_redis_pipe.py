@@ -10,7 +10,7 @@ import redis
 
 from agent.endpoint import RedisEndpoint
 from agent.redis_pipe import NoScriptError, PipelinedRedis, RedisBackpressure, RedisReplyError, encode_command
-from tests.support.procs import RedisServer, free_port, wait_until
+from devstack import RedisServer, free_port, wait_until
 
 
 # Busy-waits 200 ms inside Redis (single threaded): everything queued behind it is late.

@@ -23,7 +23,7 @@ from agent.core import Core
 from agent.endpoint import RedisEndpoint
 from agent.model import How, Keys
 from agent.request import ConnectRequest
-from tests.support.procs import free_port
+from devstack import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -353,7 +353,7 @@ def test_script_reloaded_after_flush(r: redis.Redis, url: str) -> None:
 
 def test_errors_propagate_from_store() -> None:
     """The RedisStore never hides an outage: the engine needs the exception to fall back."""
-    from tests.support.procs import free_port
+    from devstack import free_port
 
     async def go() -> None:
         s = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)

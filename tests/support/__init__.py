@@ -1,4 +1,6 @@
-"""Test support: real processes (Redis, mosquitto, HAProxy, the agent) for the test suite.
+"""Test-only support: ``mini_spoa`` (a tiny SPOP peer for the HAProxy config tests).
 
-See ``tests/support/procs.py`` for the classes and ``tests/conftest.py`` for the fixtures.
+The real processes (Redis, mosquitto, HAProxy, the agent) and the stack are the top-level
+``devstack`` package, shared with bench/ and scripts/demo.py; the fixtures are in
+``tests/conftest.py``.
 """

@@ -5,7 +5,8 @@ tests/test_haproxy_configs.py prove, on HAProxy 2.6 and 3.2, that haproxy.cfg +
 spoe-mqtt.conf send the ``mqtt-connect`` message with the expected arguments and route
 on the ``node`` variable the agent sets, independently of the agent's own code.
 
-Run: ``python -m tests.support.mini_spoa --port P --node node2 --record FILE``.
+Run: ``python -m tests.support.mini_spoa --port P --node node2 --record FILE``, or start the
+``MiniSpoa`` process class below.
 Every NOTIFY message is appended to FILE as one JSON line
 ``{"message": name, "args": {name: [type_id, value_repr]}}``; each is answered with
 set-var txn.<prefix>.node=<--node> and txn.<prefix>.how="mini".
@@ -15,10 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import socketserver
 import struct
+import sys
 import threading
+from pathlib import Path
+
+from devstack import REPO_ROOT, ManagedProcess, free_port, port_open
 
 HAPROXY_HELLO, HAPROXY_DISCONNECT, NOTIFY = 1, 2, 3
 AGENT_HELLO, AGENT_DISCONNECT, ACK = 101, 102, 103
@@ -87,7 +93,7 @@ def kv_str(key: str, value: str) -> bytes:
 
 
 class Handler(socketserver.BaseRequestHandler):
-    server: "MiniServer"
+    server: MiniServer
 
     def recv_exact(self, n: int) -> bytes:
         buf = bytearray()
@@ -118,7 +124,8 @@ class Handler(socketserver.BaseRequestHandler):
                     self.on_notify(body, pos)
                     actions = b""
                     for name, value in (("node", self.server.node), ("how", "mini")):
-                        actions += bytes([1, 3, 2]) + enc_str(name.encode()) + bytes([T_STRING]) + enc_str(value.encode())
+                        actions += bytes([1, 3, 2]) + enc_str(name.encode())  # SET-VAR, 3 args, txn scope
+                        actions += bytes([T_STRING]) + enc_str(value.encode())
                     self.request.sendall(frame(ACK, stream_id, frame_id, actions))
                 elif ftype == HAPROXY_DISCONNECT:
                     payload = enc_str(b"status-code") + bytes([T_UINT32]) + enc_varint(0) + kv_str("message", "bye")
@@ -148,6 +155,34 @@ class Handler(socketserver.BaseRequestHandler):
 class MiniServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+
+class MiniSpoa(ManagedProcess):
+    """This module as a process: a tiny SPOP peer for config tests only."""
+
+    name = "mini-spoa"
+
+    def __init__(self, node: str, port: int | None = None, workdir: str | Path | None = None) -> None:
+        super().__init__(workdir)
+        self.port = port or free_port()
+        self.node = node
+        self.record_path = self.workdir / "notify.jsonl"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "tests.support.mini_spoa", "--port", str(self.port),
+                "--node", self.node, "--record", str(self.record_path)]  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+    def ready(self) -> bool:
+        return port_open(self.port)
+
+    def messages(self) -> list[dict]:
+        try:
+            return [json.loads(line) for line in self.record_path.read_text().splitlines() if line]
+        except FileNotFoundError:
+            return []
 
 
 def main() -> None:

@@ -1,12 +1,13 @@
 """Raw MQTT CONNECT/CONNACK over a socket.
 
-paho-mqtt is what users run and the end-to-end tests use it; this helper is
-for load-shaped tests and benchmarks, where hundreds of paho clients (one
+paho-mqtt is what users run and the end-to-end tests use it (``devstack.paho_client``);
+these helpers are for load-shaped tests and benchmarks, where hundreds of paho clients (one
 thread each) would measure paho rather than the path under test.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 
@@ -91,3 +92,35 @@ def mqtt_connect(host: str, port: int, client_id: bytes, *, timeout: float = 5.0
 
 
 DISCONNECT = b"\xe0\x00"
+
+
+def raw_connect(port: int, cid: bytes, *, host: str = "127.0.0.1", **kw: object) -> int:
+    """CONNECT, read CONNACK, DISCONNECT; returns the CONNACK return code."""
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(connect_packet(cid, **kw))  # type: ignore[arg-type]
+        ptype, body = read_packet(s)
+        assert ptype == 2, ptype
+        s.sendall(DISCONNECT)
+        return body[1]
+
+
+async def connect_all_at_once(targets: list[tuple[int, bytes]], **kw: object) -> list[int | None]:
+    """Open every (port, client id) connection concurrently; CONNACK code, or None if the broker
+    closed it first (two simultaneous CONNECTs with one id: the broker keeps one)."""
+
+    async def one(port: int, cid: bytes) -> int | None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(connect_packet(cid, **kw))  # type: ignore[arg-type]
+            head = await asyncio.wait_for(reader.readexactly(4), 20)
+            return head[3]
+        except asyncio.IncompleteReadError:
+            return None
+        finally:
+            try:
+                writer.write(DISCONNECT)
+            except Exception:
+                pass
+            writer.close()
+
+    return list(await asyncio.gather(*(one(p, c) for p, c in targets)))
