@@ -628,7 +628,8 @@ def report(runs: list[VersionRun], args: argparse.Namespace, load_before: str, l
                f"saw more than {args.noisy_pct:g}% of the machine's CPU used outside the stack.")
     out.append("\nRatios agent/native (median of the per-repeat ratios over the same repeats; each repeat runs both "
                "paths back to back):\n")
-    out.append(f"| HAProxy | clients | throughput | p50 | p99 | throughput >= {TARGET_THROUGHPUT}x | p50 <= {TARGET_P50}x |")
+    out.append(f"| HAProxy | clients | throughput | p50 | p99 | throughput >= {TARGET_THROUGHPUT}x "
+               f"| p50 <= {TARGET_P50}x |")
     out.append("|---|---:|---:|---:|---:|:-:|:-:|")
     for version, conc, thr, p50, p99 in ratios:
         out.append(f"| {version} | {conc} | {fmt(thr)}x | {fmt(p50)}x | {fmt(p99)}x | "
@@ -687,7 +688,7 @@ def report(runs: list[VersionRun], args: argparse.Namespace, load_before: str, l
                 cells = [fmt(med([x[c] for x in row]), 0) for c in comps]
                 dec = rtt = pt = "-"
                 if p == AGENT:
-                    def mean_ms(metric: str) -> str:
+                    def mean_ms(metric: str, steps: list[Step] = steps) -> str:
                         means = []
                         for s in steps:
                             cnt = s.decisions.get(metric + "_count", 0.0)
@@ -800,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
              "ok": s.load.ok, "errors": dict(s.load.errors), "elapsed_s": s.load.elapsed, "rate": s.load.rate,
              "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "log_good": s.verdict.good, "log_lines": s.verdict.logged,
              "how": dict(s.verdict.how), "err": dict(s.verdict.err), "cpu_s": s.cpu,
-             "not_stack_cpu_pct": s.other_cpu / s.load.elapsed / (os.cpu_count() or 1) * 100 if s.load.elapsed else None,
+             "not_stack_cpu_pct": (s.other_cpu / s.load.elapsed / (os.cpu_count() or 1) * 100
+                                   if s.load.elapsed else None),
              "agent_metrics": s.decisions}
             for r in runs for s in r.steps
         ], indent=1))

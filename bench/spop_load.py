@@ -33,12 +33,13 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from agent.spop import Message, Scope, SetVar  # noqa: E402
-from agent.spop.frames import FrameType, encode_haproxy_hello, encode_notify  # noqa: E402
-from agent.spop.types import decode_varint  # noqa: E402
+from agent.spop import Message, Scope, SetVar
+from agent.spop.frames import FrameType, encode_haproxy_hello, encode_notify
+from agent.spop.types import decode_varint
 
 
 def haproxy_message(i: int) -> Message:
@@ -47,7 +48,7 @@ def haproxy_message(i: int) -> Message:
         (
             ("client_id", b"sensor-%08d-site-42-floor-3" % i),
             ("username", b"tenant-a"),
-            ("src", ipaddress.IPv4Address("10.1.%d.%d" % ((i >> 8) & 255, i & 255))),
+            ("src", ipaddress.IPv4Address(f"10.1.{(i >> 8) & 255}.{i & 255}")),
             ("proto_ver", b"4"),
             ("flags", b"194"),
             ("sess_expiry", None),
@@ -62,7 +63,10 @@ def haproxy_message(i: int) -> Message:
 class TrivialDispatcher:
     """What an agent costs without Redis: two set-vars per message."""
 
-    _actions = [SetVar(Scope.TRANSACTION, "node", "node2"), SetVar(Scope.TRANSACTION, "how", "hit")]
+    _actions: ClassVar[list[SetVar]] = [
+        SetVar(Scope.TRANSACTION, "node", "node2"),
+        SetVar(Scope.TRANSACTION, "how", "hit"),
+    ]
 
     async def handle(self, message: Message) -> list:
         return self._actions

@@ -94,7 +94,7 @@ def url(r: redis.Redis, redis_server_session: Any) -> str:
 
 
 def test_eligibility_rules() -> None:
-    ns = nodes((1.0, 2.0, 1.0)) + (NodeConfig("n4", "h", 1, 1.0), NodeConfig("n5", "h", 1, 1.0))
+    ns = (*nodes((1.0, 2.0, 1.0)), NodeConfig("n4", "h", 1, 1.0), NodeConfig("n5", "h", 1, 1.0))
     ov = NodeOverrides(
         states={"n2": "drain", "n3": "evacuate", "n4": "maintenance", "ghost": "active"},
         weights={"n1": 3.0, "n5": 0.0},
@@ -245,7 +245,9 @@ def test_evacuation_rate_limited(r: redis.Redis, url: str) -> None:
             r.hset(f"{P}evacuate-rate", "n1", "4")
             await a.refresher.refresh()
             await b.refresher.refresh()
-            results = await asyncio.gather(*[(a if i % 2 else b).engine.decide(persistent(c)) for i, c in enumerate(on_n1)])
+            results = await asyncio.gather(
+                *[(a if i % 2 else b).engine.decide(persistent(c)) for i, c in enumerate(on_n1)]
+            )
             assert [d.how for d in results].count("moved") == 4
             assert all(d.node == "n1" for d in results if d.how == "hit")
 
@@ -337,7 +339,7 @@ def test_stalled_redis_times_out(redis_server: RedisServer) -> None:
             assert redis_server.pid is not None
             os.kill(redis_server.pid, signal.SIGSTOP)
             try:
-                for i in range(TIMEOUTS_TO_TRIP):
+                for _i in range(TIMEOUTS_TO_TRIP):
                     # a lone timeout may be our own queueing: only consecutive ones open the breaker
                     assert e.engine.redis_available
                     d = await e.engine.decide(persistent(b"x"))

@@ -58,7 +58,7 @@ def test_500_new_ids_at_once_through_both_balancers_never_disagree(stack: Stack,
     route2 = {d["cid"]: d for d in ha2.haproxy.traffic_log() if d["cid"] in wanted}
     disagreements = [c for c in wanted if route1[c]["node"] != route2[c]["node"]]
     assert disagreements == [], [
-        (c, route1[c]["node"], route1[c]["how"], route1[c]["err"], route2[c]["node"], route2[c]["how"], route2[c]["err"])
+        (c, *(route1[c][k] for k in ("node", "how", "err")), *(route2[c][k] for k in ("node", "how", "err")))
         for c in disagreements[:5]
     ]
     # Every answer came from the agents (no SPOE error, so no HAProxy hash fallback).

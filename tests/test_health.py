@@ -81,7 +81,7 @@ class Peer:
         except OSError:
             pass
 
-    async def __aenter__(self) -> "Peer":
+    async def __aenter__(self) -> Peer:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self

@@ -99,7 +99,7 @@ def test_removing_a_node_moves_only_its_keys() -> None:
 
 def test_adding_a_node_moves_about_one_in_n() -> None:
     four = [(f"n{i}", 1.0) for i in range(4)]
-    five = four + [("n4", 1.0)]
+    five = [*four, ("n4", 1.0)]
     moved = [k for k in KEYS[:10_000] if choose(k, four) != choose(k, five)]
     assert all(choose(k, five) == "n4" for k in moved)  # only towards the new node
     assert 1500 < len(moved) < 2500  # ~1/5

@@ -36,7 +36,7 @@ def test_redis_killed_then_back(stack: Stack, haproxy_version):
         cid = f"back-{haproxy_version}-{i}"
         assert raw_connect(ha1.port, cid.encode(), version=4, clean=False) == 0
         assert raw_connect(ha2.port, cid.encode(), version=4, clean=False) == 0
-        wait_until(lambda: ha1.lines(cid) and ha2.lines(cid))
+        wait_until(lambda cid=cid: ha1.lines(cid) and ha2.lines(cid))
         (a,), (b,) = ha1.lines(cid), ha2.lines(cid)
         assert (a["how"], b["how"]) == ("assigned", "hit")
         assert a["node"] == b["node"] == stack.owner(cid)

@@ -12,7 +12,6 @@ from agent.endpoint import RedisEndpoint
 from agent.redis_pipe import NoScriptError, PipelinedRedis, RedisBackpressure, RedisReplyError, encode_command
 from devstack import RedisServer, free_port, wait_until
 
-
 # Busy-waits 200 ms inside Redis (single threaded): everything queued behind it is late.
 SLOW_200MS = (
     "EVAL",
@@ -155,7 +154,7 @@ def test_timeouts_while_replies_flow_keep_the_connection():
                     return
                 buf += chunk
                 while b"ECHO\r\n" in buf:  # one inline-parsed ECHO <x> per request
-                    head, _, rest = buf.partition(b"ECHO\r\n")
+                    _head, _, rest = buf.partition(b"ECHO\r\n")
                     size_line, _, rest = rest.partition(b"\r\n")
                     n = int(size_line[1:])
                     payload, buf = rest[:n], rest[n + 2:]

@@ -191,7 +191,7 @@ def test_empty_notify_is_an_event_with_no_messages() -> None:
 def test_ack_set_and_unset_in_every_scope(scope: Scope) -> None:
     conn = ready()
     actions = (SetVar(scope, "node", "node2"), SetVar(scope, "ttl", Typed(DataType.UINT32, 30)), UnsetVar(scope, "how"))
-    frame, used = decode_frame(conn.send(Ack(2**40, 77, actions)))
+    frame, _used = decode_frame(conn.send(Ack(2**40, 77, actions)))
     assert (frame.type, frame.flags, frame.stream_id, frame.frame_id) == (FrameType.ACK, FLAG_FIN, 2**40, 77)
     assert decode_actions(frame.payload) == (SetVar(scope, "node", "node2"), SetVar(scope, "ttl", 30), actions[2])
 

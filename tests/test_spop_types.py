@@ -43,7 +43,8 @@ def test_varint_vectors(value: int, hexbytes: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "size"), [(239, 1), (240, 2), (2287, 2), (2288, 3), (264431, 3), (264432, 4), (33818863, 4), (33818864, 5)]
+    ("value", "size"),
+    [(239, 1), (240, 2), (2287, 2), (2288, 3), (264431, 3), (264432, 4), (33818863, 4), (33818864, 5)],
 )
 def test_varint_length_boundaries(value: int, size: int) -> None:
     assert len(encode_varint(value)) == size
