@@ -26,7 +26,7 @@ from agent.breaker import Breaker, describe
 from agent.config import Config
 from agent.model import How
 from agent.request import ConnectRequest
-from agent.rules import Eligibility, NodeOverrides, NodeView, eligibility, node_views
+from agent.rules import Eligibility, NodeOverrides, NodeView, eligibility, grace_nodes, node_views
 
 __all__ = ["AffinityEngine", "Decision", "DecisionObserver", "DecisionStore", "FallbackCause", "StoreAnswer"]
 
@@ -80,6 +80,7 @@ class DecisionStore(Protocol):
         now: int,
         usable: Iterable[str],
         evacuating: Mapping[str, int] | None = None,
+        waiting: Iterable[str] = (),
         by: str = "",
         timeout: float | None = None,
     ) -> StoreAnswer: ...
@@ -107,6 +108,7 @@ class AffinityEngine:
         overrides: Callable[[], NodeOverrides],
         healthy: Callable[[], frozenset[str]],
         *,
+        down_since: Callable[[], Mapping[str, float]] = dict,
         observer: DecisionObserver | None = None,
         clock: Callable[[], float] = time.time,
         agent_id: str | None = None,
@@ -116,6 +118,7 @@ class AffinityEngine:
         self._breaker = breaker
         self._overrides = overrides
         self._healthy = healthy
+        self._down_since = down_since
         self._observer: DecisionObserver = observer or _NoObserver()
         self._clock = clock
         self.agent_id = agent_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -152,6 +155,15 @@ class AffinityEngine:
         self._cache_key, self._cache = (self._config, healthy, overrides), elig
         return elig
 
+    def waiting(self) -> frozenset[str]:
+        """Nodes down for less than ``owner_down_grace`` (not in maintenance): their
+        persistent clients wait instead of moving (``how=wait``)."""
+        grace = self._config.owner_down_grace
+        down = self._down_since()
+        if grace <= 0 or not down:
+            return frozenset()
+        return grace_nodes(down, self._overrides(), grace, self._clock())
+
     def node_views(self) -> list[NodeView]:
         return node_views(self._config.nodes, self._healthy(), self._overrides(), self.eligibility())
 
@@ -176,6 +188,7 @@ class AffinityEngine:
                 now=int(self._clock()),
                 usable=elig.usable,
                 evacuating=elig.evacuating,
+                waiting=self.waiting() if req.persistent else (),
                 by=req.balancer or self.agent_id,
                 timeout=self._config.redis_timeout,
             )

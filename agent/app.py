@@ -40,7 +40,9 @@ class App:
         self.metrics.bind_nodes(n.name for n in config.nodes)
         # Node transitions are logged once, by the monitor itself.
         self.health = HealthMonitor(config.nodes, config.health)
-        self.core = Core.build(config, lambda: self.health.healthy, observer=self.metrics)
+        self.core = Core.build(
+            config, lambda: self.health.healthy, down_since=lambda: self.health.down_since, observer=self.metrics
+        )
         self.breaker, self.refresher, self.engine = self.core.breaker, self.core.refresher, self.core.engine
         self._sessions: dict[str, int] | None = None
         self.metrics.registry.register(

@@ -99,6 +99,10 @@ class Config:
     evacuate_rate: int = 20
     max_in_flight: int = 64
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    #: Seconds a persistent client waits (its CONNECT refused, ``how=wait``) while its owner
+    #: is down, before it is moved to another broker and starts a new session there. 0 = move
+    #: at once.
+    owner_down_grace: float = 30.0
     #: SPOP connections served at once; past it new ones are closed at once (HAProxy opens
     #: ~70 per balancer under load, so the default leaves room for a dozen balancers).
     max_connections: int = 1024
@@ -148,6 +152,7 @@ _TOP_KEYS = frozenset(
         "max_in_flight",
         "max_frame_size",
         "max_connections",
+        "owner_down_grace",
         "health",
         "log_level",
         "log_format",
@@ -380,6 +385,8 @@ def parse_config(data: object, source: str = "<config>") -> Config:
             kw[key] = _get_int(data[key], key, lo, hi)
     if "redis_timeout" in data:
         kw["redis_timeout"] = _get_number(data["redis_timeout"], "redis_timeout", 0.0, 10.0, lo_open=True)
+    if "owner_down_grace" in data:
+        kw["owner_down_grace"] = _get_number(data["owner_down_grace"], "owner_down_grace", 0.0, 86400.0)
     if "state_refresh" in data:
         kw["state_refresh"] = _get_number(data["state_refresh"], "state_refresh", 0.01, 60.0)
 

@@ -5,7 +5,7 @@ One place builds them, so the agent (``agent.app``) and the tests run the same w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from agent.affinity import AffinityEngine, DecisionObserver
@@ -30,6 +30,7 @@ class Core:
         config: Config,
         healthy: Callable[[], frozenset[str]],
         *,
+        down_since: Callable[[], Mapping[str, float]] = dict,
         observer: DecisionObserver | None = None,
         store: RedisStore | None = None,
     ) -> Core:
@@ -38,7 +39,9 @@ class Core:
         refresher = Refresher(config, store, breaker)
         # Decisions after an outage must use what operators set meanwhile.
         breaker.on_recover = refresher.load
-        engine = AffinityEngine(config, store, breaker, lambda: refresher.overrides, healthy, observer=observer)
+        engine = AffinityEngine(
+            config, store, breaker, lambda: refresher.overrides, healthy, down_since=down_since, observer=observer
+        )
         return cls(store, breaker, refresher, engine)
 
     async def start(self) -> None:

@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from agent.config import HealthConfig, NodeConfig
@@ -185,6 +185,7 @@ class HealthMonitor:
         self._states: dict[str, _State] = {n.name: _State(n, now) for n in nodes}
         # Empty until the first probe: a node never probed is not offered.
         self._healthy: frozenset[str] = frozenset()
+        self._down_since: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
 
@@ -194,6 +195,12 @@ class HealthMonitor:
     def healthy(self) -> frozenset[str]:
         """Names of the nodes currently up (cached; O(1))."""
         return self._healthy
+
+    @property
+    def down_since(self) -> Mapping[str, float]:
+        """Nodes found down (by a probe) -> wall-clock time they went down. Replaced, not
+        mutated, on every transition, so a caller may cache on its identity."""
+        return self._down_since
 
     def is_up(self, name: str) -> bool:
         """Whether ``name`` is configured and up; unknown names are down."""
@@ -253,6 +260,8 @@ class HealthMonitor:
                 new[node.name] = st
                 fresh.append(st)
         self._states = new
+        # A removed node, or one moved to another address, is no longer "down since".
+        self._down_since = {n: t for n, t in self._down_since.items() if n in new and new[n] is old.get(n)}
         self._rebuild_healthy()
         if fresh and self._task is not None:
             task = asyncio.get_running_loop().create_task(
@@ -320,6 +329,12 @@ class HealthMonitor:
         h = st.health
         h.up = up
         h.since = time.monotonic()
+        down = dict(self._down_since)
+        if up:
+            down.pop(st.node.name, None)
+        else:
+            down[st.node.name] = time.time()
+        self._down_since = down
         self._rebuild_healthy()
         n = st.node
         fields = {"node": n.name, "address": f"{n.host}:{n.port}", "up": up}

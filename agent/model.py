@@ -43,10 +43,14 @@ class How(StrEnum):
     FALLBACK = "fallback"
     #: Nothing to be sticky about (no client id, a clean session without record) or no usable node.
     NONE = "none"
+    #: A persistent client whose owner is down for less than ``owner_down_grace``: no node is
+    #: named and HAProxy refuses the connection, so the client retries and finds its session
+    #: on its owner when that broker is back.
+    WAIT = "wait"
 
 
 #: Outcomes only the Redis script produces (``fallback`` is the engine's own).
-SCRIPT_HOWS: Final = frozenset({How.HIT, How.ASSIGNED, How.MOVED, How.PINNED, How.NONE})
+SCRIPT_HOWS: Final = frozenset({How.HIT, How.ASSIGNED, How.MOVED, How.PINNED, How.NONE, How.WAIT})
 
 
 class NodeState(StrEnum):

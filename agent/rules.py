@@ -153,6 +153,16 @@ def eligibility(
     )
 
 
+def grace_nodes(down_since: Mapping[str, float], overrides: NodeOverrides, grace: float, now: float) -> frozenset[str]:
+    """Nodes down for less than ``grace`` seconds: their persistent clients wait, not move.
+
+    A node in maintenance is not waited for: the operator took it out on purpose."""
+    return frozenset(
+        n for n, since in down_since.items()
+        if now - since < grace and overrides.state(n) != NodeState.MAINTENANCE
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class NodeView:
     """One configured node as the rules see it."""
@@ -217,6 +227,7 @@ def predict(
     persistent: bool = True,
     known: frozenset[str] | None = None,
     exact: bool = True,
+    waiting: frozenset[str] = frozenset(),
 ) -> Outcome:
     """decide.lua's rules in Python: pin, then owner, then the HRW candidate.
 
@@ -226,6 +237,8 @@ def predict(
     (the CLI without ``--config``: node list, weights and default evacuation rate unknown):
     the HRW candidate and the evacuation rate are then not named, and ``Outcome.node`` is
     None wherever it would be the candidate.
+
+    ``waiting``: nodes in restart grace (:func:`grace_nodes`); their persistent clients wait.
     """
     candidate = placement.choose(cid, elig.placeable)
     dest = candidate if exact else None
@@ -255,6 +268,11 @@ def predict(
                 return Outcome(owner, How.HIT, prefix + f"{owner} is draining: stays", pin_ignored=pin_ignored)
             return Outcome(owner, How.HIT, prefix + f"sticks to owner {owner}", pin_ignored=pin_ignored)
         reason = _unusable_reason(owner, elig, known, overrides)
+        if persistent and owner in waiting:
+            return Outcome(None, How.WAIT,
+                           prefix + f"{owner} is {reason} for less than owner_down_grace: the CONNECT is refused "
+                           "so the client retries and keeps its session there",
+                           previous=owner, pin_ignored=pin_ignored)
         if candidate and candidate != owner:
             return Outcome(dest, How.MOVED, prefix + f"{owner} is {reason}: {to}",
                            previous=owner, pin_ignored=pin_ignored)

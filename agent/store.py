@@ -164,6 +164,7 @@ class RedisStore:
         now: int,
         usable: Iterable[str],
         evacuating: Mapping[str, int] | None = None,
+        waiting: Iterable[str] = (),
         by: str = "",
         timeout: float | None = None,
     ) -> StoreDecision:
@@ -188,6 +189,9 @@ class RedisStore:
         for node, rate in sorted(evac.items()):
             args.append(node)
             args.append(max(0, int(rate)))
+        grace = sorted(waiting)
+        args.append(len(grace))
+        args.extend(grace)
         pipe = self._pipe
         loop = asyncio.get_running_loop()
         # One budget for the whole call, however many steps it takes.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -380,3 +381,51 @@ def test_start_with_redis_down(tmp_path: Any) -> None:
         asyncio.run(go())
     finally:
         server.kill()
+
+
+def test_restart_grace_waits_then_moves(url: str) -> None:
+    """Owner down for less than owner_down_grace: persistent clients wait (no node); clean ones
+    and a node in maintenance move at once; past the grace the client moves, and both agents
+    answer alike while they agree the owner is down."""
+    now = [1_800_000_000.0]
+    down: dict[str, float] = {}
+
+    async def go() -> None:
+        cfg = dataclasses.replace(make_config(url), owner_down_grace=30.0)
+        health = Health()
+        cores = [Core.build(cfg, health, down_since=lambda: down) for _ in range(2)]
+        for c in cores:
+            c.engine._clock = lambda: now[0]
+            await c.start()
+        a, b = (c.engine for c in cores)
+        try:
+            first = await a.decide(persistent(b"sess"))
+            owner = first.node
+            assert first.how == "assigned" and owner
+            health.up.discard(owner)
+            down[owner] = now[0]
+            now[0] += 10
+            for e in (a, b):
+                d = await e.decide(persistent(b"sess"))
+                assert (d.node, d.how, d.previous) == (None, "wait", owner)
+            clean = await a.decide(ConnectRequest(b"sess", proto_ver=4, flags=2))
+            assert clean.how == "moved" and clean.node != owner  # nothing to keep: goes elsewhere
+            assert (await b.decide(persistent(b"sess"))).how == "wait"  # ... and wrote nothing
+            now[0] += 25  # 35 s down: past the grace
+            moved = await b.decide(persistent(b"sess"))
+            assert moved.how == "moved" and moved.previous == owner and moved.node != owner
+            assert await a.decide(persistent(b"sess")) == Decision(moved.node, "hit")
+            # An operator's maintenance is not a restart: no grace.
+            other = await a.decide(persistent(b"other"))
+            down[other.node] = now[0]  # type: ignore[index]
+            health.up.discard(other.node)  # type: ignore[arg-type]
+            r = redis.Redis.from_url(url)
+            r.hset(f"{P}node-state", other.node, "maintenance")  # type: ignore[arg-type]
+            await cores[0].refresher.refresh()
+            assert (await a.decide(persistent(b"other"))).how in ("moved", "none")
+            r.close()
+        finally:
+            for c in cores:
+                await c.stop()
+
+    asyncio.run(go())

@@ -445,3 +445,29 @@ def test_start_twice_is_an_error() -> None:
             await mon.stop()  # idempotent
 
     run(scenario())
+
+
+def test_down_since_is_wall_time_of_the_down_transition() -> None:
+    probe = ScriptedProbe()
+    mon = HealthMonitor([node("a", 1), node("b", 2)], HealthConfig(interval=1.0, timeout=1.0, rise=1, fall=1),
+                        probe=probe)
+
+    async def scenario() -> None:
+        await mon.run_round()
+        assert mon.down_since == {}
+        before = time.time()
+        probe.ok["a"] = False
+        await mon.run_round()
+        seen = mon.down_since
+        assert set(seen) == {"a"} and before <= seen["a"] <= time.time()
+        await mon.run_round()
+        assert mon.down_since is seen  # no transition: same mapping (callers cache on it)
+        probe.ok["a"] = True
+        await mon.run_round()
+        assert mon.down_since == {}
+        probe.ok["b"] = False
+        await mon.run_round()
+        mon.update_nodes([node("a", 1)])  # b removed by a reload
+        assert mon.down_since == {}
+
+    run(scenario())

@@ -37,22 +37,24 @@ def test_predict_matches_decide_lua(redis_server_session: Any) -> None:
         healthy = frozenset(n for n in NAMES if rng.random() < 0.8)
         persistent = rng.random() < 0.7
         ov = NodeOverrides(states, weights, {n: 1000 for n in NAMES})
+        waiting = frozenset(n for n in NAMES if n not in healthy and rng.random() < 0.5)
         if owner:
             r.hset(keys.owner(cid), mapping={"node": owner, "placed_at": 1, "by": "t"})
         if pin:
             r.hset(keys.pin(cid), mapping={"node": pin})
-        cases.append((cid, owner, pin, ov, healthy, persistent))
+        cases.append((cid, owner, pin, ov, healthy, persistent, waiting))
 
     async def go() -> list[tuple[Any, Any]]:
         store = RedisStore(redis_server_session.url, timeout=2.0, pool_size=2)
         out = []
         try:
-            for cid, owner, pin, ov, healthy, persistent in cases:
+            for cid, owner, pin, ov, healthy, persistent, waiting in cases:
                 elig = eligibility(NODES, healthy, ov, 20)
-                expected = predict(cid, owner=owner, pin=pin, elig=elig, overrides=ov, persistent=persistent)
+                expected = predict(cid, owner=owner, pin=pin, elig=elig, overrides=ov, persistent=persistent,
+                                   waiting=waiting)
                 got = await store.decide(
                     cid, persistent=persistent, candidate=placement.choose(cid, elig.placeable), ttl=100,
-                    now=1_700_000_000, usable=elig.usable, evacuating=elig.evacuating, by="t",
+                    now=1_700_000_000, usable=elig.usable, evacuating=elig.evacuating, waiting=waiting, by="t",
                 )
                 out.append((expected, got))
         finally:
@@ -65,5 +67,5 @@ def test_predict_matches_decide_lua(redis_server_session: Any) -> None:
         if (e.node, e.how, e.previous, e.pin_ignored) != (g.node, g.how, g.previous, g.pin_ignored)
     ]
     assert mismatches == []
-    assert {e.how for e, _ in results} >= {"hit", "moved", "pinned", "assigned", "none"}
+    assert {e.how for e, _ in results} >= {"hit", "moved", "pinned", "assigned", "none", "wait"}
     r.close()

@@ -14,12 +14,13 @@
 -- ARGV[7]  by (balancer label or agent id)
 -- ARGV[8]  n = number of usable nodes, then n node names
 -- then     m = number of evacuating nodes, then m pairs (node, moves per second)
+-- then     k = number of nodes in restart grace (down for less than owner_down_grace), then k names
 --
 -- The placed:<node> and evac:<node>:<second> keys are derived from P inside the script,
 -- so this is for a single (non-cluster) Redis, which is what the agent supports.
 --
 -- Returns {node, how, previous, pin_ignored}; "" stands for none.
--- how: HOW_HIT | HOW_ASSIGNED | HOW_MOVED | HOW_PINNED | HOW_NONE
+-- how: HOW_HIT | HOW_ASSIGNED | HOW_MOVED | HOW_PINNED | HOW_NONE | HOW_WAIT
 --
 -- HOW_*, INFIX_* and NO_EXPIRY come from the prelude agent/model.py puts before this file
 -- (one definition of the vocabulary); this file alone is not a complete script.
@@ -44,6 +45,10 @@ local m = tonumber(ARGV[i])
 for j = 1, m do
   evac[ARGV[i + 2 * j - 1]] = tonumber(ARGV[i + 2 * j])
 end
+i = i + 2 * m + 1
+local grace = {}
+local k = tonumber(ARGV[i] or '0')
+for j = 1, k do grace[ARGV[i + j]] = true end
 
 local expiry = NO_EXPIRY
 if ttl > 0 then expiry = now + ttl end
@@ -114,6 +119,11 @@ if owner ~= '' then
     return {owner, HOW_HIT, '', pin_ignored}
   end
   -- Owner is down, in maintenance or no longer configured.
+  if persistent and grace[owner] then
+    -- Down for less than the grace: moving would start an empty session elsewhere and
+    -- strand the one on the owner. The client retries and comes back when it is up.
+    return {'', HOW_WAIT, owner, pin_ignored}
+  end
   if cand ~= '' and cand ~= owner then
     if persistent then place(cand, owner) end
     return {cand, HOW_MOVED, owner, pin_ignored}
