@@ -53,8 +53,8 @@ class FakeStore:
         self.resets = 0
 
     async def decide(self, cid: bytes, *, persistent: bool, candidate: str | None, ttl: int | None, now: int,
-                     usable: Iterable[str], evacuating: Mapping[str, int] | None = None, by: str = "",
-                     timeout: float | None = None) -> Answer:
+                     usable: Iterable[str], evacuating: Mapping[str, int] | None = None,
+                     waiting: Iterable[str] = (), by: str = "", timeout: float | None = None) -> Answer:
         self.decides += 1
         if self.error is not None:
             raise self.error
