@@ -44,7 +44,7 @@ class App:
             config, lambda: self.health.healthy, down_since=lambda: self.health.down_since, observer=self.metrics
         )
         self.breaker, self.refresher, self.engine = self.core.breaker, self.core.refresher, self.core.engine
-        self._sessions: dict[str, int] | None = None
+        self._sessions: tuple[dict[str, int], float | None] | None = None
         self.metrics.registry.register(
             StateCollector(self.engine.node_views, lambda: self.breaker.available, lambda: self._sessions)
         )
@@ -75,7 +75,7 @@ class App:
 
     async def render_metrics(self) -> bytes:
         """One scrape: session counts are read from Redis now, the rest by the collector."""
-        self._sessions = await self.refresher.placed_counts()
+        self._sessions = await self.refresher.session_counts()
         if self._sessions is None and self.breaker.available:
             warn_limited(log, "metrics-sessions", "metrics: session counts could not be read from Redis",
                          interval=60.0)

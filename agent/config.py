@@ -103,6 +103,9 @@ class Config:
     #: is down, before it is moved to another broker and starts a new session there. 0 = move
     #: at once.
     owner_down_grace: float = 30.0
+    #: Seconds between record sweeps (expired records out, sessions per node counted); one
+    #: agent sweeps at a time.
+    sweep_interval: float = 300.0
     #: SPOP connections served at once; past it new ones are closed at once (HAProxy opens
     #: ~70 per balancer under load, so the default leaves room for a dozen balancers).
     max_connections: int = 1024
@@ -153,6 +156,7 @@ _TOP_KEYS = frozenset(
         "max_frame_size",
         "max_connections",
         "owner_down_grace",
+        "sweep_interval",
         "health",
         "log_level",
         "log_format",
@@ -368,6 +372,8 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         kw["redis_url"] = _parse_redis_url(data["redis_url"])
     if "key_prefix" in data:
         prefix = _get_str(data["key_prefix"], "key_prefix")
+        if "{" in prefix or "}" in prefix:
+            raise ConfigError("key_prefix", "may not contain braces (they would change the keys' hash tag)")
         if not 1 <= len(prefix) <= 128 or any(c.isspace() or not c.isprintable() for c in prefix):
             raise ConfigError("key_prefix", "must be 1-128 printable characters without whitespace")
         kw["key_prefix"] = prefix
@@ -385,6 +391,8 @@ def parse_config(data: object, source: str = "<config>") -> Config:
             kw[key] = _get_int(data[key], key, lo, hi)
     if "redis_timeout" in data:
         kw["redis_timeout"] = _get_number(data["redis_timeout"], "redis_timeout", 0.0, 10.0, lo_open=True)
+    if "sweep_interval" in data:
+        kw["sweep_interval"] = _get_number(data["sweep_interval"], "sweep_interval", 1.0, 86400.0)
     if "owner_down_grace" in data:
         kw["owner_down_grace"] = _get_number(data["owner_down_grace"], "owner_down_grace", 0.0, 86400.0)
     if "state_refresh" in data:

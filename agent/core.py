@@ -13,6 +13,7 @@ from agent.breaker import Breaker
 from agent.config import Config
 from agent.refresher import Refresher, background_timeout
 from agent.store import RedisStore
+from agent.sweeper import Sweeper
 
 __all__ = ["Core"]
 
@@ -23,6 +24,7 @@ class Core:
     breaker: Breaker
     refresher: Refresher
     engine: AffinityEngine
+    sweeper: Sweeper
 
     @classmethod
     def build(
@@ -42,17 +44,20 @@ class Core:
         engine = AffinityEngine(
             config, store, breaker, lambda: refresher.overrides, healthy, down_since=down_since, observer=observer
         )
-        return cls(store, breaker, refresher, engine)
+        sweeper = Sweeper(store, breaker, holder=engine.agent_id, interval=lambda: engine.config.sweep_interval)
+        return cls(store, breaker, refresher, engine, sweeper)
 
     async def start(self) -> None:
         """Load the overrides once (a dead Redis only opens the breaker), then keep them fresh."""
         await self.refresher.start()
+        await self.sweeper.start()
 
     def reload(self, config: Config) -> None:
         self.refresher.reload(config)
         self.engine.reload(config)
 
     async def stop(self) -> None:
+        await self.sweeper.stop()
         await self.refresher.stop()
         await self.breaker.stop()
         await self.store.close()

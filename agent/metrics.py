@@ -131,7 +131,7 @@ class StateCollector(Collector):
         self,
         views: Callable[[], list[NodeView]],
         redis_up: Callable[[], bool],
-        sessions: Callable[[], Mapping[str, int] | None],
+        sessions: Callable[[], tuple[Mapping[str, int], float | None] | None],
     ) -> None:
         self._views = views
         self._redis_up = redis_up
@@ -142,7 +142,8 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         views = self._views()
-        sessions = self._sessions()
+        counted = self._sessions()
+        sessions = counted[0] if counted is not None else None
         up = GaugeMetricFamily("mqtt_affinity_node_up", "1 while the broker node passes health checks",
                                labels=["node"])
         state = GaugeMetricFamily("mqtt_affinity_node_state", "1 for the node's current operator state",
@@ -150,8 +151,9 @@ class StateCollector(Collector):
         weight = GaugeMetricFamily(
             "mqtt_affinity_node_weight", "Placement weight in force: the configured one or the operator override",
             labels=["node"])
-        placed = GaugeMetricFamily("mqtt_affinity_node_sessions", "Placement records (sessions) owned by the node",
-                                   labels=["node"])
+        placed = GaugeMetricFamily(
+            "mqtt_affinity_node_sessions", "Live placement records (sessions) owned by the node, as of the last sweep",
+            labels=["node"])
         for v in views:
             up.add_metric([v.name], 1 if v.healthy else 0)
             for s in NodeState:
@@ -163,6 +165,9 @@ class StateCollector(Collector):
         yield state
         yield weight
         yield placed
+        if counted is not None and counted[1] is not None:
+            yield GaugeMetricFamily("mqtt_affinity_sessions_counted_timestamp_seconds",
+                                    "When the record sweep last counted the sessions (unix time)", value=counted[1])
         yield GaugeMetricFamily("mqtt_affinity_redis_up", "1 while Redis answers", value=1 if self._redis_up() else 0)
 
 

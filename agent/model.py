@@ -8,14 +8,22 @@ source is prefixed with a prelude generated from this module (:func:`lua_prelude
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Final
 
 from agent.spop import DEFAULT_MAX_FRAME_SIZE
 
 __all__ = [
+    "DEFAULT_BUCKETS",
     "DEFAULT_MAX_FRAME_SIZE",
     "DEFAULT_PREFIX",
+    "LAYOUT_VERSION",
+    "NEVER",
+    "OwnerRecord",
+    "PinRecord",
+    "SEP",
     "ExitCode",
     "How",
     "Keys",
@@ -82,53 +90,173 @@ VAR_NODE: Final = "node"
 VAR_HOW: Final = "how"
 
 DEFAULT_PREFIX: Final = "mqtt-affinity:"
-#: ``placed:<node>`` score of a record that never expires: far beyond any unix time, exact in a double.
+#: Record buckets of a new deployment (the number in force lives in Redis: ``P layout``).
+DEFAULT_BUCKETS: Final = 16384
+#: The layout version this agent writes. Version 1 (one HASH per client, ``placed:<node>``
+#: ZSETs) is still read through until ``mqtt-affinity migrate`` has run.
+LAYOUT_VERSION: Final = 2
+#: A record's ``expiry`` when the session never expires.
+NEVER: Final = 0
+#: Separator of a record's fields; node names can never contain it (see agent.config).
+SEP: Final = "|"
+#: ZSET score of a version-1 ``placed:<node>`` member that never expires (migration only).
 NO_EXPIRY_SCORE: Final = 1e18
 
 
 class Keys:
-    """Every Redis key name, for one key prefix.
+    """Every Redis key name, for one key prefix ``P``.
 
-    ``P`` = the prefix, ``<cid>`` = the client id's raw bytes. Each kind has its own fixed
-    infix right after the prefix, so no client id (any bytes) can reach another client's key
-    or another kind of key.
+    Per client (everything one decision touches is in one Cluster slot):
+
+    - ``P{<b>}o``  HASH cid -> owner record ``node|expiry|placed_at|by``
+    - ``P{<b>}p``  HASH cid -> pin ``node|expiry|created_at|reason``
+
+    where ``<b>`` is the client's record bucket (:meth:`bucket`): a hash of the client id,
+    so the hash tag never contains the id itself (which may hold braces) and both keys of
+    one client are always in the same slot. Many clients share a bucket: Redis stores a
+    small HASH as one compact listpack, which is what brings a session under 150 bytes.
+    ``expiry`` is unix seconds (0 = never): records expire in the value, and a background
+    sweep removes expired ones and counts sessions per node.
+
+    Global (one key each, so each may live in its own slot): node states, weights, rates,
+    the session counts of the last sweep, the sweep lease, one evacuation budget per node,
+    the layout. Each kind has its own fixed text after ``P``, and ``P`` may not contain
+    braces, so no client id can reach another kind of key.
     """
 
-    OWNER: Final = b"owner:"
-    PIN: Final = b"pin:"
-    PLACED: Final = b"placed:"
-    EVAC: Final = b"evac:"
+    OWNERS: Final = b"o"
+    PINS: Final = b"p"
     NODE_STATE: Final = b"node-state"
     NODE_WEIGHT: Final = b"node-weight"
     EVACUATE_RATE: Final = b"evacuate-rate"
+    SESSIONS: Final = b"sessions"
+    SWEEP_LEASE: Final = b"sweep-lease"
+    EVAC: Final = b"evac-budget:"
+    LAYOUT: Final = b"layout"
+    # Version 1 (read through, then removed by `mqtt-affinity migrate`).
+    V1_OWNER: Final = b"owner:"
+    V1_PIN: Final = b"pin:"
+    V1_PLACED: Final = b"placed:"
 
-    __slots__ = ("prefix", "raw", "node_state", "node_weight", "evacuate_rate")
+    __slots__ = ("buckets", "evacuate_rate", "layout", "node_state", "node_weight", "prefix", "raw",
+                 "sessions", "sweep_lease")
 
-    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, prefix: str = DEFAULT_PREFIX, buckets: int = DEFAULT_BUCKETS) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("a key prefix may not contain braces (they would change the hash tag)")
+        if buckets < 1:
+            raise ValueError("buckets must be at least 1")
         self.prefix = prefix
         self.raw = prefix.encode("utf-8")
+        self.buckets = buckets
         #: HASH node -> state (see :class:`NodeState`).
         self.node_state = self.raw + self.NODE_STATE
         #: HASH node -> weight override.
         self.node_weight = self.raw + self.NODE_WEIGHT
         #: HASH node -> evacuation moves per second.
         self.evacuate_rate = self.raw + self.EVACUATE_RATE
+        #: HASH node -> sessions counted by the last sweep; ``_at`` -> when it finished.
+        self.sessions = self.raw + self.SESSIONS
+        #: STRING: which agent sweeps now (SET NX PX).
+        self.sweep_lease = self.raw + self.SWEEP_LEASE
+        #: HASH {version, buckets}: written once, read by every agent and the CLI.
+        self.layout = self.raw + self.LAYOUT
 
-    def owner(self, cid: bytes) -> bytes:
-        """HASH ``{node, placed_at, by}``: where the client's session lives."""
-        return self.raw + self.OWNER + cid
+    def with_buckets(self, buckets: int) -> Keys:
+        return Keys(self.prefix, buckets)
 
-    def pin(self, cid: bytes) -> bytes:
-        """HASH ``{node, reason, created_at}``: an operator pin."""
-        return self.raw + self.PIN + cid
+    def bucket(self, cid: bytes) -> int:
+        """The client's record bucket: the same on every agent (BLAKE2b, like placement)."""
+        digest = hashlib.blake2b(cid, digest_size=8).digest()
+        return int.from_bytes(digest, "big") % self.buckets
 
-    def placed(self, node: str) -> bytes:
-        """ZSET member cid, score = record expiry: the sessions placed on ``node``."""
-        return self.raw + self.PLACED + node.encode("utf-8")
+    def owners(self, bucket: int) -> bytes:
+        return b"%s{%d}%s" % (self.raw, bucket, self.OWNERS)
+
+    def pins(self, bucket: int) -> bytes:
+        return b"%s{%d}%s" % (self.raw, bucket, self.PINS)
+
+    def client(self, cid: bytes) -> tuple[bytes, bytes]:
+        """(owners key, pins key) of one client: same bucket, same slot."""
+        b = self.bucket(cid)
+        return self.owners(b), self.pins(b)
+
+    def evac_budget(self, node: str) -> bytes:
+        """STRING ``<redis second> <moves>``: the evacuation budget shared by every agent."""
+        return self.raw + self.EVAC + node.encode("utf-8")
+
+    def v1_owner(self, cid: bytes) -> bytes:
+        return self.raw + self.V1_OWNER + cid
+
+    def v1_pin(self, cid: bytes) -> bytes:
+        return self.raw + self.V1_PIN + cid
+
+    def v1_placed(self, node: str) -> bytes:
+        return self.raw + self.V1_PLACED + node.encode("utf-8")
 
     def scan_pattern(self, infix: bytes) -> bytes:
-        """A SCAN MATCH pattern for every key of one kind (glob characters in the prefix escaped)."""
+        """A SCAN MATCH pattern for keys that start with ``P`` + ``infix`` (glob characters escaped)."""
         return _glob_escape(self.raw + infix) + b"*"
+
+    def bucket_pattern(self, kind: bytes) -> bytes:
+        """A SCAN MATCH pattern for every bucket key of one kind (``OWNERS`` or ``PINS``)."""
+        return _glob_escape(self.raw) + b"{*}" + kind
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerRecord:
+    """One client's owner record, as stored in its bucket."""
+
+    node: str
+    expiry: int
+    placed_at: int
+    by: str
+
+    def encode(self) -> bytes:
+        return f"{self.node}{SEP}{self.expiry}{SEP}{self.placed_at}{SEP}{self.by}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> OwnerRecord:
+        node, expiry, placed_at, by = _fields(raw)
+        return cls(node, _int(expiry), _int(placed_at), by)
+
+    def live(self, now: float) -> bool:
+        return self.expiry == NEVER or self.expiry > now
+
+
+@dataclass(frozen=True, slots=True)
+class PinRecord:
+    """An operator pin, as stored in its bucket."""
+
+    node: str
+    expiry: int
+    created_at: int
+    reason: str
+
+    def encode(self) -> bytes:
+        return f"{self.node}{SEP}{self.expiry}{SEP}{self.created_at}{SEP}{self.reason}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PinRecord:
+        node, expiry, created_at, reason = _fields(raw)
+        return cls(node, _int(expiry), _int(created_at), reason)
+
+    def live(self, now: float) -> bool:
+        return self.expiry == NEVER or self.expiry > now
+
+
+def _fields(raw: bytes) -> tuple[str, str, str, str]:
+    """A record's four fields; missing ones are empty (the last one may hold the separator)."""
+    parts = raw.decode("utf-8", "replace").split(SEP, 3)
+    parts += [""] * (4 - len(parts))
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return 0
 
 
 def _glob_escape(raw: bytes) -> bytes:
@@ -154,7 +282,6 @@ def lua_prelude() -> str:
         lines.append(f"local HOW_{how.name} = {_lua_string(how.value)}")
     for state in NodeState:
         lines.append(f"local STATE_{state.name} = {_lua_string(state.value)}")
-    lines.append(f"local INFIX_PLACED = {_lua_string(Keys.PLACED)}")
-    lines.append(f"local INFIX_EVAC = {_lua_string(Keys.EVAC)}")
-    lines.append(f"local NO_EXPIRY = {NO_EXPIRY_SCORE!r}")
+    lines.append(f"local SEP = {_lua_string(SEP)}")
+    lines.append(f"local NEVER = {NEVER}")
     return "\n".join(lines) + "\n"

@@ -5,46 +5,22 @@ the Lua script ``agent/lua/decide.lua`` (run with EVALSHA, re-loaded on NOSCRIPT
 read, the rules and the write happen as one step and two agents racing on the same client
 converge: the second one sees the first one's write.
 
-Key layout
-==========
+The key layout (:class:`agent.model.Keys`) puts everything one decision touches in the
+client's record bucket, so the script runs on Redis Cluster as well as on one Redis or a
+Sentinel-managed primary: one layout for all three. What the script cannot touch (it would
+be another slot) happens in calls of their own:
 
-``P`` is ``config.key_prefix`` (default ``mqtt-affinity:``). ``<cid>`` is the client id's raw
-bytes, unescaped: Redis keys are binary safe, and the fixed text between ``P`` and ``<cid>``
-differs per key kind (``owner:`` vs ``pin:``), so no client id can reach another client's
-key or another kind of key. Operators read and write these with redis-cli.
+- the evacuation budget: when the owner is evacuating, the script answers ``hit`` with a flag;
+  the store claims one move from the node's shared budget (``claim.lua``, one key) and, if
+  granted, asks again with the token. Two more round trips, only for clients of an
+  evacuating node.
+- session counts per node: the agent holding the sweep lease sweeps every bucket
+  (``sweep.lua``: drop expired records, count live ones per node) and publishes the counts in
+  ``P sessions``. Counts are as fresh as the last sweep (``sweep_interval``).
 
-``P owner:<cid>``  HASH ``{node, placed_at, by}``
-    Where the client's session lives. ``placed_at`` is unix seconds, ``by`` the balancer
-    label (or agent id) that placed it. TTL = the record TTL (max(session_ttl, MQTT 5 session
-    expiry)), refreshed on every persistent CONNECT; no TTL when the client asked for a
-    session that never expires. Clean-session clients never create or refresh it.
-``P pin:<cid>``  HASH ``{node, reason, created_at}``
-    Operator override: the client goes to ``node`` while that node is usable. Optional
-    EXPIRE set by the operator. A pin to an unusable node is ignored (and reported).
-``P node-state``  HASH ``node -> active|drain|evacuate|maintenance``  (missing = active)
-    drain: keeps its clients, gets no new ones. evacuate: as drain, and its clients are
-    moved away as they reconnect, at most ``evacuate-rate`` per second across all agents.
-    maintenance: gets nobody; its clients are moved on their next CONNECT.
-``P node-weight``  HASH ``node -> weight``  (missing = configured weight; 0 = no new clients)
-``P evacuate-rate``  HASH ``node -> moves per second``  (missing = config.evacuate_rate)
-``P placed:<node>``  ZSET ``member <cid>, score = record expiry (unix seconds; 1e18 = never)``
-    Maintained by the script on assign/refresh/move (ZREM from the old node on a move), so
-    sessions per node are ``ZCOUNT P placed:<node> (<now> +inf`` and evacuation can enumerate.
-    Members past their expiry are trimmed periodically by the engine (``trim_placed``).
-``P evac:<node>:<unix second>``  STRING counter (INCR, EXPIRE 2); the second is Redis's own clock (TIME)
-    The evacuation budget for one second, shared by every agent.
-
-Key names are built by :class:`agent.model.Keys` only; the script gets the ``how`` values and
-the infixes from the prelude :func:`agent.model.lua_prelude` generates.
-
-The script derives ``placed:`` and ``evac:`` key names from ``P`` itself, so it needs a single
-Redis (or a primary with replicas), not Redis Cluster.
-
-Operator examples::
-
-    redis-cli HGETALL 'mqtt-affinity:owner:sensor-17'
-    redis-cli HSET mqtt-affinity:node-state broker-2 drain
-    redis-cli HSET 'mqtt-affinity:pin:sensor-17' node broker-3 reason debug created_at 1700000000
+Records written by version 1 of the layout (``P owner:<cid>`` HASH with a TTL, ``P pin:<cid>``)
+are read through: the script moves a client's old keys into its bucket the first time it sees
+it, until ``mqtt-affinity migrate`` has moved the rest and recorded it in ``P layout``.
 """
 
 from __future__ import annotations
@@ -59,19 +35,38 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from agent.config import Config
 from agent.endpoint import RedisEndpoint
-from agent.model import SCRIPT_HOWS, How, Keys, lua_prelude
+from agent.model import DEFAULT_BUCKETS, LAYOUT_VERSION, SCRIPT_HOWS, How, Keys, lua_prelude
 from agent.redis_pipe import NoScriptError, PipelinedRedis
 from agent.rules import NodeOverrides, parse_overrides
 
-__all__ = ["RedisStore", "StoreDecision", "load_script"]
+__all__ = ["Layout", "RedisStore", "Script", "StoreDecision", "load_script"]
 
 
-def load_script(name: str = "decide.lua") -> str:
-    """Lua source shipped as package data (``agent/lua/*.lua``), after the vocabulary prelude."""
-    return lua_prelude() + resources.files("agent").joinpath("lua", name).read_text(encoding="utf-8")
+#: Lua files each script needs before its own text (after the vocabulary prelude).
+_INCLUDES = {"decide.lua": ("v1.lua",), "migrate.lua": ("v1.lua",)}
+
+
+def load_script(name: str) -> str:
+    """Lua source shipped as package data (``agent/lua/*.lua``): the vocabulary prelude, the
+    shared pieces it includes, then the script itself."""
+    files = resources.files("agent").joinpath("lua")
+    parts = [lua_prelude()]
+    parts += [files.joinpath(inc).read_text(encoding="utf-8") for inc in _INCLUDES.get(name, ())]
+    parts.append(files.joinpath(name).read_text(encoding="utf-8"))
+    return "\n".join(parts)
+
+
+class Script:
+    """A Lua script and its SHA1 (EVALSHA first: Redis has it unless it restarted)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = load_script(name)
+        self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +77,27 @@ class StoreDecision:
     pin_ignored: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """``P layout``: what every agent and the CLI must agree on."""
+
+    version: int
+    buckets: int
+    #: Version-1 keys may still exist: decisions read them through.
+    v1: bool
+
+
 def _text(value: Any) -> str:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", "replace")
     return str(value)
+
+
+def refresh_step(ttl: int) -> int:
+    """A hit rewrites its record only when the expiry would move by this much (1/24 of the TTL):
+    most reconnects then cost a read, and a record still lives at least 23/24 of its TTL
+    after the client's last CONNECT."""
+    return max(1, ttl // 24)
 
 
 class RedisStore:
@@ -100,11 +112,15 @@ class RedisStore:
         pool_size: int = 32,
         health_check_interval: int = 5,
         connect_timeout: float | None = None,
+        buckets: int = DEFAULT_BUCKETS,
     ) -> None:
         if isinstance(endpoint, str):
             endpoint = RedisEndpoint.parse(endpoint)
         self.endpoint = endpoint
-        self.keys = Keys(key_prefix)
+        #: Bucket count used when this store creates ``P layout``; the one in Redis wins.
+        self._new_buckets = buckets
+        self.keys = Keys(key_prefix, buckets)
+        self.layout: Layout | None = None
         self._timeout = timeout
         # Socket timeouts are a floor above the per-call budget: the caller's timeout is the
         # real limit, these only stop a wedged socket from living forever.
@@ -123,9 +139,9 @@ class RedisStore:
             decode_responses=False,
         )
         self._redis = Redis(connection_pool=self._pool)
-        self._script = load_script("decide.lua")
-        # EVALSHA first: Redis has the script unless it restarted (then NOSCRIPT loads it).
-        self._sha = hashlib.sha1(self._script.encode("utf-8")).hexdigest()
+        self.decide_script = Script("decide.lua")
+        self.claim_script = Script("claim.lua")
+        self.sweep_script = Script("sweep.lua")
         # Decisions (the per-CONNECT hot path) go over one pipelined connection instead of
         # the pool: about 2x the throughput at concurrency 64, and no pool to starve.
         self._pipe = PipelinedRedis(endpoint.pipe_target(), connect_timeout=connect_timeout)
@@ -146,13 +162,33 @@ class RedisStore:
         )
 
     @property
+    def buckets(self) -> int:
+        return self.keys.buckets
+
+    @property
     def redis(self) -> Redis:
         """The redis-py client on the same endpoint (background work, tests)."""
         return self._redis
 
-    @property
-    def script_sha(self) -> str:
-        return self._sha
+    # -- layout ----------------------------------------------------------------------------
+
+    async def load_layout(self) -> Layout:
+        """Read ``P layout``, creating it for a new deployment (first writer wins)."""
+        async with self._gate:
+            raw = await self._redis.hgetall(self.keys.layout)
+            if not raw:
+                await self._redis.hsetnx(self.keys.layout, "version", LAYOUT_VERSION)
+                await self._redis.hsetnx(self.keys.layout, "buckets", self._new_buckets)
+                raw = await self._redis.hgetall(self.keys.layout)
+        layout = parse_layout(raw)
+        if layout.version > LAYOUT_VERSION:
+            raise RuntimeError(f"Redis holds layout version {layout.version}; this agent knows {LAYOUT_VERSION}")
+        if self.layout is None or layout.buckets != self.layout.buckets:
+            self.keys = self.keys.with_buckets(layout.buckets)
+        self.layout = layout
+        return layout
+
+    # -- the decision ----------------------------------------------------------------------
 
     async def decide(
         self,
@@ -171,27 +207,9 @@ class RedisStore:
         """Run decide.lua for one client. ``ttl`` None or 0 = the record never expires.
 
         ``timeout`` bounds the whole call (TimeoutError past it)."""
-        usable_list = sorted(set(usable))
-        evac = evacuating or {}
-        keys = self.keys
-        args: list[bytes | str | int] = [
-            keys.raw,
-            cid,
-            "p" if persistent else "c",
-            candidate or "",
-            int(ttl) if ttl else 0,
-            int(now),
-            by,
-            len(usable_list),
-            *usable_list,
-            len(evac),
-        ]
-        for node, rate in sorted(evac.items()):
-            args.append(node)
-            args.append(max(0, int(rate)))
-        grace = sorted(waiting)
-        args.append(len(grace))
-        args.extend(grace)
+        layout = self.layout
+        if layout is None:
+            raise RedisConnectionError("the key layout has not been read from Redis yet")
         pipe = self._pipe
         loop = asyncio.get_running_loop()
         # One budget for the whole call, however many steps it takes.
@@ -204,21 +222,44 @@ class RedisStore:
             # Rare (start-up, after an outage). Shielded: a caller that runs out of budget
             # must not cancel the attempt that other callers and the probe share.
             await asyncio.wait_for(asyncio.shield(pipe.connect()), left())
-        owner, pin = keys.owner(cid), keys.pin(cid)
-        try:
-            raw = await pipe.execute("EVALSHA", self._sha, 2, owner, pin, *args, timeout=left())
-        except NoScriptError:
-            # Redis restarted or SCRIPT FLUSH: load it again, once.
-            await self._load_script(left())
-            raw = await pipe.execute("EVALSHA", self._sha, 2, owner, pin, *args, timeout=left())
-        node, how, previous, pin_ignored = (_text(x) for x in raw)
+        keys = self.keys
+        owners, pins = keys.client(cid)
+        key_args: list[bytes] = [owners, pins]
+        if layout.v1:
+            key_args += [keys.v1_owner(cid), keys.v1_pin(cid)]
+        ttl = int(ttl) if ttl else 0
+        evac = evacuating or {}
+        tail: list[bytes | str | int] = [
+            "p" if persistent else "c", candidate or "", ttl, int(now), by[:32],
+        ]
+        usable_list = sorted(set(usable))
+        grace = sorted(waiting)
+        rest: list[bytes | str | int] = [
+            refresh_step(ttl), len(usable_list), *usable_list, len(evac), *sorted(evac), len(grace), *grace,
+        ]
+        raw = await self._eval(self.decide_script, key_args, [cid, *tail, "", *rest], left)
+        node, how, previous, pin_ignored, flag = (_text(x) for x in raw)
+        if flag == "e" and node in evac:
+            # The owner is evacuating: move only within the budget every agent shares.
+            second = await self._eval(self.claim_script, [keys.evac_budget(node)], [max(0, int(evac[node]))], left)
+            if second:
+                tail[3] = int(second)  # now = the Redis second whose budget the move used
+                raw = await self._eval(self.decide_script, key_args, [cid, *tail, node, *rest], left)
+                node, how, previous, pin_ignored, flag = (_text(x) for x in raw)
         if how not in SCRIPT_HOWS:
             raise ValueError(f"decide.lua returned unknown how {how!r}")
         return StoreDecision(node or None, How(how), previous or None, pin_ignored or None)
 
-    async def _load_script(self, timeout: float | None) -> None:
-        sha = await self._pipe.execute("SCRIPT", "LOAD", self._script, timeout=timeout)
-        self._sha = _text(sha)
+    async def _eval(self, script: Script, keys: list[bytes], args: list[Any], left: Any) -> Any:
+        pipe = self._pipe
+        try:
+            return await pipe.execute("EVALSHA", script.sha, len(keys), *keys, *args, timeout=left())
+        except NoScriptError:
+            # Redis restarted or SCRIPT FLUSH: load it again, once.
+            await pipe.execute("SCRIPT", "LOAD", script.source, timeout=left())
+            return await pipe.execute("EVALSHA", script.sha, len(keys), *keys, *args, timeout=left())
+
+    # -- background ------------------------------------------------------------------------
 
     async def load_node_overrides(self) -> NodeOverrides:
         """node-state, node-weight and evacuate-rate in one round trip."""
@@ -230,39 +271,65 @@ class RedisStore:
             states, weights, rates = await pipe.execute()
         return parse_overrides(states, weights, rates)
 
-    async def trim_placed(self, nodes: Iterable[str], now: float) -> int:
-        """Drop expired members from each ``placed:<node>``; returns how many went."""
-        names = sorted(set(nodes))
-        if not names:
-            return 0
-        async with self._gate, self._redis.pipeline(transaction=False) as pipe:
-            for node in names:
-                pipe.zremrangebyscore(self.keys.placed(node), "-inf", f"({now}")
-            removed = await pipe.execute()
-        return sum(int(r) for r in removed)
+    async def session_counts(self) -> tuple[dict[str, int], float | None]:
+        """Sessions per node as counted by the last sweep, and when that sweep finished."""
+        async with self._gate:
+            raw = await self._redis.hgetall(self.keys.sessions)
+        return parse_sessions(raw)
 
-    async def placed_counts(self, nodes: Iterable[str], now: float) -> dict[str, int]:
-        """Sessions currently placed per node (records not yet expired), in one round trip."""
-        names = sorted(set(nodes))
-        if not names:
-            return {}
+    async def take_sweep_lease(self, holder: str, seconds: float) -> bool:
+        """Hold (or extend) the sweep lease: one agent sweeps at a time."""
+        ms = max(1, int(seconds * 1000))
+        async with self._gate:
+            if await self._redis.set(self.keys.sweep_lease, holder, nx=True, px=ms):
+                return True
+            if _text(await self._redis.get(self.keys.sweep_lease)) == holder:
+                await self._redis.pexpire(self.keys.sweep_lease, ms)
+                return True
+        return False
+
+    async def prepare_sweep(self) -> None:
+        """Load sweep.lua (once per pass: after a Redis restart it is gone)."""
+        async with self._gate:
+            await self._redis.script_load(self.sweep_script.source)
+
+    async def sweep(self, buckets: Iterable[int], now: float) -> tuple[dict[str, int], int]:
+        """Sweep some buckets (one pipeline): live sessions per node, and pins left."""
+        keys = self.keys
+        counts: dict[str, int] = {}
+        pins = 0
         async with self._gate, self._redis.pipeline(transaction=False) as pipe:
-            for node in names:
-                pipe.zcount(self.keys.placed(node), f"({now}", "+inf")
-            counts = await pipe.execute()
-        return {node: int(c) for node, c in zip(names, counts)}
+            for b in buckets:
+                pipe.evalsha(self.sweep_script.sha, 2, keys.owners(b), keys.pins(b), int(now))
+            replies = await pipe.execute()
+        for reply in replies:
+            pins += int(reply[0])
+            for j in range(1, len(reply), 2):
+                node = _text(reply[j])
+                counts[node] = counts.get(node, 0) + int(reply[j + 1])
+        return counts, pins
+
+    async def publish_sessions(self, counts: Mapping[str, int], pins: int, at: float) -> None:
+        """Replace ``P sessions`` with one sweep's totals (one key, one transaction)."""
+        fields: dict[Any, Any] = {**counts, "_pins": pins, "_at": int(at)}
+        async with self._gate, self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.sessions)
+            pipe.hset(self.keys.sessions, mapping=fields)
+            await pipe.execute()
 
     async def ping(self) -> None:
-        """Raises unless Redis answers; also reconnects the decision connection and makes
-        sure the script is loaded after a restart."""
+        """Raises unless Redis answers; also reconnects the decision connection, makes sure
+        the scripts are loaded after a restart and reads the layout."""
         await self._pipe.connect()
         # Over the decision connection itself: a stalled one fails here and is replaced.
         budget = max(self._timeout * 4, 0.25)
         await self._pipe.execute("PING", timeout=budget)
-        if not (await self._pipe.execute("SCRIPT", "EXISTS", self._sha, timeout=budget))[0]:
-            await self._load_script(budget)
-        async with self._gate:
-            await self._redis.ping()
+        scripts = (self.decide_script, self.claim_script)
+        loaded = await self._pipe.execute("SCRIPT", "EXISTS", *(s.sha for s in scripts), timeout=budget)
+        for script, present in zip(scripts, loaded):
+            if not present:
+                await self._pipe.execute("SCRIPT", "LOAD", script.source, timeout=budget)
+        await self.load_layout()
 
     async def reset_connections(self) -> None:
         """Close the idle pooled connections: after an outage they are dead sockets.
@@ -275,3 +342,33 @@ class RedisStore:
     async def close(self) -> None:
         await self._pipe.close()
         await self._redis.aclose(close_connection_pool=True)
+
+
+def parse_layout(raw: Mapping[Any, Any]) -> Layout:
+    """``P layout`` HGETALL -> Layout (a missing bucket count is the default)."""
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    try:
+        version = int(fields.get("version", LAYOUT_VERSION))
+        buckets = int(fields.get("buckets", DEFAULT_BUCKETS))
+    except ValueError:
+        raise ValueError(f"unreadable layout in Redis: {fields!r}") from None
+    if buckets < 1:
+        raise ValueError(f"unreadable layout in Redis: {fields!r}")
+    return Layout(version, buckets, v1=fields.get("v1") != "gone")
+
+
+def parse_sessions(raw: Mapping[Any, Any]) -> tuple[dict[str, int], float | None]:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    at = fields.pop("_at", None)
+    fields.pop("_pins", None)
+    counts: dict[str, int] = {}
+    for node, n in fields.items():
+        try:
+            counts[node] = int(n)
+        except ValueError:
+            continue
+    try:
+        when = float(at) if at is not None else None
+    except ValueError:
+        when = None
+    return counts, when

@@ -9,6 +9,7 @@ demo (``scripts/demo.py``); not part of the wheel. Modules:
   ``devstack.agents``: the real processes (and the agent YAML writer);
 - ``devstack.stack``: ``Stack``, the topology builder (Redis, brokers, agents, balancers);
 - ``devstack.mqtt``: raw CONNECT/CONNACK over sockets, for load;
+- ``devstack.records``: read and write the agents' Redis records as the agents do;
 - ``devstack.paho_client``: paho-mqtt clients (imported on demand: it needs paho-mqtt).
 """
 

@@ -20,6 +20,11 @@ AGENT_DEFAULTS: dict[str, object] = {
     "state_refresh": 0.2,
     "health": {"check": "tcp", "interval": 0.3, "timeout": 0.25, "rise": 2, "fall": 2},
     "log_level": "info",
+    # Scenarios of a dead broker expect its clients to move at once; the restart-grace
+    # scenarios set their own.
+    "owner_down_grace": 0,
+    # Session counts right after a scenario (the product default is 300 s).
+    "sweep_interval": 2,
 }
 
 

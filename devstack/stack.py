@@ -26,6 +26,7 @@ from pathlib import Path
 
 import redis as redis_py
 
+from devstack import records
 from devstack.agents import AgentProcess, write_agent_config
 from devstack.haproxy import HAPROXY_CFG, HAProxy, haproxy_env
 from devstack.mosquitto import Mosquitto
@@ -278,12 +279,8 @@ class Stack:
 
     def owners(self, cids: Iterable[bytes | str]) -> dict[str, str | None]:
         """``owner`` for many client ids in one round trip, keyed by the id as str."""
-        keys = [c if isinstance(c, bytes) else c.encode() for c in cids]
         with self.r as r:
-            pipe = r.pipeline(transaction=False)
-            for k in keys:
-                pipe.hget(PREFIX.encode() + b"owner:" + k, "node")
-            return {k.decode(): (v.decode() if v else None) for k, v in zip(keys, pipe.execute())}
+            return records.owners(r, cids, PREFIX)
 
     def broker(self, node: str) -> Mosquitto:
         return self.brokers[self.nodes.index(node)]

@@ -20,9 +20,10 @@ from agent.affinity import Decision, FallbackCause
 from agent.breaker import TIMEOUTS_TO_TRIP
 from agent.config import Config, NodeConfig
 from agent.core import Core
+from agent.model import NEVER
 from agent.request import NEVER_EXPIRES, ConnectRequest
 from agent.rules import NodeOverrides, NodeView, eligibility
-from devstack import RedisServer, free_port
+from devstack import RedisServer, free_port, records
 
 P = "mqtt-affinity:"
 NAMES = ("n1", "n2", "n3")
@@ -166,7 +167,7 @@ def test_two_engines_agree_on_500_new_ids(r: redis.Redis, url: str) -> None:
     for cid, (da, db) in zip(ids, results):
         assert {da.how, db.how} == {"assigned", "hit"}
         assert da.source == db.source == "redis"
-        assert r.hget(P.encode() + b"owner:" + cid, "node") == da.node.encode()  # type: ignore[union-attr]
+        assert records.owner(r, cid).node == da.node  # type: ignore[union-attr]
 
 
 def test_unhealthy_owner_is_moved_and_the_other_engine_follows(url: str) -> None:
@@ -219,7 +220,7 @@ def test_drain_maintenance_weight_and_pins(r: redis.Redis, url: str) -> None:
             await e.refresher.refresh()
             assert {(await e.engine.decide(persistent(b"w-" + c))).node for c in ids} == {"n1", "n3"}
             # a pin to an unhealthy node is ignored and reported
-            r.hset(f"{P}pin:{'pinned'}", "node", "n3")
+            records.write_pin(r, "pinned", "n3")
             health.up.discard("n3")
             d = await e.engine.decide(persistent(b"pinned"))
             assert d.pin_ignored == "n3" and d.node in ("n1", "n2") and d.how == "assigned"
@@ -264,11 +265,12 @@ def test_session_ttls_and_clean_sessions(r: redis.Redis, url: str) -> None:
             d = await e.engine.decide(ConnectRequest(b"clean", proto_ver=4, flags=2))
             assert d.how == "none" and d.node in NAMES
 
+    now = time.time()
     asyncio.run(go())
-    assert r.ttl(f"{P}owner:forever") == -1
-    assert 86400 < r.ttl(f"{P}owner:long") <= 10 * 86400
-    assert 0 < r.ttl(f"{P}owner:v3") <= 86400
-    assert not r.exists(f"{P}owner:clean")
+    assert records.owner(r, "forever").expiry == NEVER  # type: ignore[union-attr]
+    assert 86400 < records.owner(r, "long").expiry - now <= 10 * 86400 + 1  # type: ignore[union-attr]
+    assert 0 < records.owner(r, "v3").expiry - now <= 86400 + 1  # type: ignore[union-attr]
+    assert records.owner(r, "clean") is None
 
 
 def test_reload_removes_a_node(url: str) -> None:
@@ -367,15 +369,15 @@ def test_start_with_redis_down(tmp_path: Any) -> None:
             assert not e.engine.redis_available
             d = await e.engine.decide(persistent(b"c"))
             assert d.how == "fallback" and d.node == placement.choose(b"c", [(n, 1.0) for n in NAMES])
-            assert await e.refresher.placed_counts() is None
+            assert await e.refresher.session_counts() is None
             server.start()
 
             async def up() -> bool:
                 return (await e.engine.decide(persistent(b"c"))).source == "redis"
 
             await wait_for(up, "redis after a late start")
-            assert await e.refresher.placed_counts() == {"n1": 0, "n2": 0, "n3": 0} | {d.node: 1}  # type: ignore[dict-item]
-            assert await e.refresher.trim() == 0
+            assert await e.sweeper.sweep_once() == ({d.node: 1}, 0)
+            assert await e.refresher.session_counts() == ({d.node: 1}, pytest.approx(time.time(), abs=5))
 
     try:
         asyncio.run(go())

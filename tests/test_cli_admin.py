@@ -28,7 +28,7 @@ from agent.metrics import Metrics, StateCollector
 from agent.model import How
 from agent.placement import choose
 from agent.rules import parse_overrides
-from devstack import REPO_ROOT, RedisServer, free_port
+from devstack import REPO_ROOT, RedisServer, free_port, records
 
 CLI = str(REPO_ROOT / ".venv" / "bin" / "mqtt-affinity")
 P = b"mqtt-affinity:"
@@ -148,10 +148,10 @@ def test_pin_show_unpin_round_trip(env: Env) -> None:
     res = cli(env, "pin", "dev-1", "node1", "--ttl", "300", "--reason", "debugging")
     assert res.returncode == 0, res.stderr
     assert "node1" in res.stdout
-    pin = env.r.hgetall(P + b"pin:dev-1")
-    assert pin[b"node"] == b"node1" and pin[b"reason"] == b"debugging"
-    assert before <= int(pin[b"created_at"]) <= int(time.time())
-    assert 0 < env.r.ttl(P + b"pin:dev-1") <= 300
+    pin = records.pin(env.r, "dev-1")
+    assert pin is not None and pin.node == "node1" and pin.reason == "debugging"
+    assert before <= pin.created_at <= int(time.time())
+    assert 0 < pin.expiry - time.time() <= 300
 
     text = cli(env, "show", "dev-1")
     assert text.returncode == 0, text.stderr
@@ -169,13 +169,12 @@ def test_pin_show_unpin_round_trip(env: Env) -> None:
 
     # A re-pin without --ttl replaces the whole pin, expiry included.
     assert cli(env, "pin", "dev-1", "node2").returncode == 0
-    assert env.r.hgetall(P + b"pin:dev-1")[b"node"] == b"node2"
-    assert env.r.hget(P + b"pin:dev-1", "reason") == b""
-    assert env.r.ttl(P + b"pin:dev-1") == -1
+    pin = records.pin(env.r, "dev-1")
+    assert pin is not None and (pin.node, pin.reason, pin.expiry) == ("node2", "", 0)
     assert show_json(env, "dev-1")["pin"]["ttl"] is None
 
     assert cli(env, "unpin", "dev-1").returncode == 0
-    assert not env.r.exists(P + b"pin:dev-1")
+    assert records.pin(env.r, "dev-1") is None
     assert "no pin" in one_line_error(cli(env, "unpin", "dev-1"), 1)
     assert "no record and no pin" in one_line_error(cli(env, "show", "dev-1"), 1)
     doc = show_json(env, "dev-1")
@@ -191,29 +190,32 @@ def test_pin_refused_for_unknown_down_or_maintenance_node(env: Env) -> None:
     assert "down" in line and str(env.down_port) in line
     env.r.hset(P + b"node-state", "node2", "maintenance")
     assert "maintenance" in one_line_error(cli(env, "pin", "dev-2", "node2"), 2)
-    assert not env.r.exists(P + b"pin:dev-2")
+    assert records.pin(env.r, "dev-2") is None
     # draining still takes pinned clients: the agent honours pins to drain nodes
     env.r.hset(P + b"node-state", "node2", "drain")
     assert cli(env, "pin", "dev-2", "node2").returncode == 0
 
 
 def test_pin_written_with_redis_cli_shows_up(env: Env) -> None:
+    """The key `show` prints is the one an operator can write with redis-cli."""
+    keys_line = next(ln for ln in cli(env, "pin", "hand-made", "node1").stdout.splitlines() if "keys" in ln)
+    pins_key = records.keys(env.r).client(b"hand-made")[1].decode()
+    assert pins_key in keys_line
     cli_bin = shutil.which("redis-cli") or "/usr/bin/redis-cli"
     subprocess.run(
-        [cli_bin, "-p", str(env.redis.port), "HSET", "mqtt-affinity:pin:hand-made", "node", "node2"],
+        [cli_bin, "-p", str(env.redis.port), "HSET", pins_key, "hand-made", "node2|0|0|by hand"],
         check=True, capture_output=True, timeout=10,
     )  # fmt: skip
     res = cli(env, "show", "hand-made")
     assert res.returncode == 0, res.stderr
-    assert "pinned to node2" in res.stdout
+    assert "pinned to node2" in res.stdout and pins_key in res.stdout
     doc = show_json(env, "hand-made")
-    assert doc["pin"] == {"node": "node2", "reason": "", "created_at": None, "ttl": None}
+    assert doc["pin"] == {"node": "node2", "reason": "by hand", "created_at": 0, "ttl": None}
 
 
 def test_show_explains_the_next_connect(env: Env) -> None:
     now = int(time.time())
-    env.r.hset(P + b"owner:car-7", mapping={"node": "node1", "placed_at": now - 60, "by": "ha1"})
-    env.r.expire(P + b"owner:car-7", 3600)
+    records.write_owner(env.r, "car-7", "node1", placed_at=now - 60, by="ha1", ttl=3600)
 
     doc = show_json(env, "car-7")
     assert doc["owner"]["node"] == "node1" and doc["owner"]["by"] == "ha1"
@@ -241,29 +243,29 @@ def test_show_explains_the_next_connect(env: Env) -> None:
         assert doc["owner"]["node_state"] == state
     env.r.delete(P + b"node-state")
 
-    env.r.persist(P + b"owner:car-7")
+    records.write_owner(env.r, "car-7", "node1", placed_at=now - 60, by="ha1")
     assert show_json(env, "car-7")["owner"]["ttl"] is None
     assert "never" in cli(env, "show", "car-7").stdout
 
     target = choose(b"car-7", live)
-    env.r.hset(P + b"owner:car-7", "node", "node3")  # the closed port
+    records.write_owner(env.r, "car-7", "node3")  # the closed port
     doc = show_json(env, "car-7")
     assert doc["why"] == f"node3 is down: moves to {target}"
     assert doc["next"] == {"action": "move", "node": target} and doc["owner"]["node_health"] == "down"
     assert "node3 (active, down)" in cli(env, "show", "car-7").stdout
-    env.r.hset(P + b"owner:car-7", "node", "retired")
+    records.write_owner(env.r, "car-7", "retired")
     assert show_json(env, "car-7")["why"] == f"retired is unknown: moves to {target}"
 
-    env.r.hset(P + b"owner:car-7", "node", "node1")
-    env.r.hset(P + b"pin:car-7", "node", "node3")  # pin to a down node is ignored
+    records.write_owner(env.r, "car-7", "node1")
+    records.write_pin(env.r, "car-7", "node3")  # pin to a down node is ignored
     doc = show_json(env, "car-7")
     assert doc["why"].startswith("pin to node3 is ignored (node3 is down)")
     assert doc["why"].endswith("sticks to owner node1")
-    env.r.hset(P + b"pin:car-7", "node", "node2")
+    records.write_pin(env.r, "car-7", "node2")
     assert show_json(env, "car-7")["next"] == {"action": "pinned", "node": "node2"}
 
-    env.r.delete(P + b"owner:car-7", P + b"pin:car-7")
-    env.r.hset(P + b"pin:car-7", "node", "node3")
+    env.r.hdel(records.keys(env.r).client(b"car-7")[0], b"car-7")
+    records.write_pin(env.r, "car-7", "node3")
     doc = show_json(env, "car-7")
     assert doc["why"] == f"pin to node3 is ignored (node3 is down); no record: will be placed on {target} by hash"
     assert doc["next"] == {"action": "place", "node": target}
@@ -284,14 +286,14 @@ def test_show_and_nodes_when_every_node_drains(env: Env) -> None:
     assert table["node1"] == ["node1", "drain", "2", "-", "2", "up", "0"]
     assert table["node2"] == ["node2", "drain", "1", "-", "1", "up", "0"]
 
-    env.r.hset(P + b"pin:newbie", "node", "node3")  # so that show has something to show
+    records.write_pin(env.r, "newbie", "node3")  # so that show has something to show
     doc = show_json(env, "newbie")
     target = choose(b"newbie", [("node1", 2.0), ("node2", 1.0)])
     assert doc["next"] == {"action": "place", "node": target}, doc
 
     # an evacuating owner with nowhere else to go stays
     env.r.hset(P + b"node-state", mapping={"node1": "evacuate", "node2": "maintenance"})
-    env.r.hset(P + b"owner:newbie", "node", "node1")
+    records.write_owner(env.r, "newbie", "node1")
     doc = show_json(env, "newbie")
     assert doc["next"] == {"action": "stay", "node": "node1"}, doc
     assert "node1 is evacuating, but no node takes new clients" in doc["why"]
@@ -300,15 +302,15 @@ def test_show_and_nodes_when_every_node_drains(env: Env) -> None:
 def test_binary_client_id_with_hex(env: Env) -> None:
     cid = b"\x00\xffdev\x80"
     assert cli(env, "pin", "--hex", cid.hex(), "node1", "--reason", "bin").returncode == 0
-    assert env.r.hget(P + b"pin:" + cid, "node") == b"node1"
-    env.r.hset(P + b"owner:" + cid, mapping={"node": "node2", "placed_at": 1, "by": "ha2"})
+    assert records.pin(env.r, cid).node == "node1"  # type: ignore[union-attr]
+    records.write_owner(env.r, cid, "node2", placed_at=1, by="ha2")
     doc = show_json(env, "--hex", cid.hex())
     assert doc["client_id_hex"] == cid.hex() and doc["client_id"] is None
     assert doc["owner"]["node"] == "node2" and doc["pin"]["node"] == "node1"
     res = cli(env, "show", "--hex", cid.hex())
     assert res.returncode == 0 and cid.hex() in res.stdout
     assert cli(env, "unpin", "--hex", cid.hex()).returncode == 0
-    assert not env.r.exists(P + b"pin:" + cid)
+    assert records.pin(env.r, cid) is None
     assert "hex" in one_line_error(cli(env, "show", "--hex", "zz"), 2)
 
 
@@ -359,13 +361,21 @@ def test_weight_set_and_reset(env: Env) -> None:
 
 
 def test_nodes_table_counts_live_sessions(env: Env) -> None:
-    now = time.time()
-    env.r.zadd(P + b"placed:node1", {"a": 1e18, "b": now + 600, "c": now + 120, "old1": now - 5, "old2": 1})
-    env.r.zadd(P + b"placed:node2", {"d": 1e18})
-    env.r.zadd(P + b"placed:ghost", {"e": 1e18})
+    for cid, node, ttl in (("a", "node1", None), ("b", "node1", 600), ("c", "node1", 120), ("d", "node2", None),
+                           ("e", "ghost", None)):
+        records.write_owner(env.r, cid, node, ttl=ttl)
+    k = records.keys(env.r)
+    env.r.hset(k.client(b"old1")[0], b"old1", b"node1|1|1|x")  # expired
     env.r.hset(P + b"node-state", "node2", "drain")
     env.r.hset(P + b"node-weight", "node1", "4")
 
+    # The agents' last count (none yet), then a count now: expired records are not sessions.
+    doc = json.loads(cli(env, "nodes", "--json").stdout)
+    assert doc["sessions_counted_at"] is None and all(r["sessions"] == 0 for r in doc["nodes"])
+    assert "not counted yet" in cli(env, "nodes").stdout
+    doc = json.loads(cli(env, "nodes", "--json", "--count").stdout)
+    assert abs(doc["sessions_counted_at"] - time.time()) < 30
+    assert env.r.hget(k.client(b"old1")[0], b"old1") is None  # the sweep removed it
     rows = {r["node"]: r for r in json.loads(cli(env, "nodes", "--json").stdout)["nodes"]}
     assert [rows[n]["sessions"] for n in ("node1", "node2", "node3", "ghost")] == [3, 1, 0, 1]
     assert [rows[n]["health"] for n in ("node1", "node2", "node3")] == ["up", "up", "down"]
@@ -398,10 +408,10 @@ def test_nodes_table_counts_live_sessions(env: Env) -> None:
     one_line_error(run("pin", "x", "node3", *url_only), 1)  # not named in Redis: unknown
     one_line_error(run("drain", "node3", *url_only), 1)
     # without a config the hash candidate is not named: the node list and weights are a guess
-    env.r.hset(P + b"owner:x", "node", "gone")
+    records.write_owner(env.r, "x", "gone")
     doc = json.loads(run("show", "x", "--json", *url_only).stdout)
     assert doc["next"] == {"action": "pinned", "node": "ghost"}
-    env.r.delete(P + b"pin:x")
+    records.delete_pin(env.r, "x")
     doc = json.loads(run("show", "x", "--json", *url_only).stdout)
     assert doc["why"] == "gone is unknown: moves to a node chosen by hash"
     assert doc["next"] == {"action": "move", "node": None}
@@ -409,12 +419,11 @@ def test_nodes_table_counts_live_sessions(env: Env) -> None:
 
 def test_stats_with_and_without_agent_metrics(env: Env) -> None:
     for i in range(4):
-        env.r.hset(P + b"owner:c%d" % i, "node", "node1")
-    env.r.hset(P + b"pin:c0", "node", "node2")
-    env.r.zadd(P + b"placed:node1", {f"c{i}": 1e18 for i in range(4)})
+        records.write_owner(env.r, f"c{i}", "node1")
+    records.write_pin(env.r, "c0", "node2")
     env.r.hset(P + b"node-state", "node3", "maintenance")
 
-    doc = json.loads(cli(env, "stats", "--json").stdout)
+    doc = json.loads(cli(env, "stats", "--json", "--count").stdout)
     assert doc["records"] == 4 and doc["pins"] == 1 and doc["sessions_total"] == 4
     assert doc["nodes"]["node1"] == {"state": "active", "sessions": 4}
     assert doc["nodes"]["node3"]["state"] == "maintenance"
@@ -510,7 +519,7 @@ def test_every_command_of_the_table_is_registered() -> None:
     parser = cli.build_parser()
     for c in COMMANDS:
         args = {"pin": ["c", "n"], "unpin": ["c"], "show": ["c"], "weight": ["n", "1"]}.get(c.name, ["n"])
-        if c.name in ("nodes", "stats"):
+        if c.name in ("nodes", "stats", "migrate"):
             args = []
         ns = parser.parse_args([c.name, *args])
         assert ns.command == c.name and callable(ns.handler)
@@ -528,3 +537,18 @@ def test_a_broken_admin_package_is_not_silently_dropped(monkeypatch: pytest.Monk
     monkeypatch.delitem(sys.modules, "agent.cli", raising=False)
     with pytest.raises(ImportError):  # at import, or at the latest when the commands are registered
         importlib.import_module("agent.cli").build_parser()
+
+
+def test_migrate_command(env: Env) -> None:
+    env.r.hset(P + b"owner:v1-client", mapping={"node": "node2", "placed_at": 5, "by": "old"})
+    env.r.zadd(P + b"placed:node2", {"v1-client": 1e18})
+    res = cli(env, "migrate", "--dry-run")
+    assert res.returncode == 0 and "would move 1 owner records and 0 pins" in res.stdout, res.stdout
+    assert env.r.exists(P + b"owner:v1-client")
+    doc = show_json(env, "v1-client")  # not moved yet: shown as the agents would read it through
+    assert doc["owner"]["node"] == "node2"
+    res = cli(env, "migrate")
+    assert res.returncode == 0 and "moved 1 owner records" in res.stdout, res.stdout
+    assert not env.r.exists(P + b"owner:v1-client", P + b"placed:node2")
+    assert records.owner(env.r, "v1-client").node == "node2"  # type: ignore[union-attr]
+    assert env.r.hget(P + b"layout", "v1") == b"gone"

@@ -15,8 +15,9 @@ import redis
 
 from agent.config import load_config
 from agent.core import Core
-from agent.model import How, Keys
+from agent.model import How
 from agent.request import ConnectRequest
+from devstack import records
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +51,7 @@ def test_db_in_the_query_is_used_by_the_cli_and_by_decisions(redis_server: Any, 
         assert (d.node, d.how) == (node, How.PINNED)
     db3 = redis.Redis(port=redis_server.port, db=3)
     db0 = redis.Redis(port=redis_server.port, db=0)
-    assert db3.hget(Keys().owner(b"dev-n1"), "node") == b"n1"  # the decision wrote on db 3 too
+    assert records.owner(db3, b"dev-n1").node == "n1"  # type: ignore[union-attr]  # decisions wrote on db 3
     assert db0.dbsize() == 0
     for s in listeners:
         s.close()

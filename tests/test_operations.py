@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import pytest
 
-from devstack import NODES, PREFIX, Balancer, Stack, agent_command, raw_connect, wait_until
+from devstack import NODES, PREFIX, Balancer, Stack, agent_command, raw_connect, records, wait_until
 
 pytestmark = pytest.mark.haproxy
 
@@ -93,16 +93,12 @@ def metric(b: Balancer, name: str, **labels: str) -> float:
 
 def owners(stack: Stack, cids: Iterable[str]) -> dict[str, str | None]:
     """``stack.owner`` for many clients in one round trip."""
-    cids = list(cids)
-    with stack.r as r:
-        pipe = r.pipeline(transaction=False)
-        for c in cids:
-            pipe.hget(P + b"owner:" + c.encode(), "node")
-        return {c: (n.decode() if n else None) for c, n in zip(cids, pipe.execute())}
+    return stack.owners(cids)
 
 
 def placed_at(stack: Stack, cid: str) -> int:
-    return int(stack.r.hget(P + b"owner:" + cid.encode(), "placed_at"))
+    with stack.r as r:
+        return records.owner(r, cid).placed_at  # type: ignore[union-attr]
 
 
 def check_routed(d: dict[str, str], how: str, node: str) -> None:
@@ -137,7 +133,7 @@ def test_pins_from_cli_and_redis_are_followed_by_both_balancers(stack: Stack, ha
     doc = show(cid, cfg1)
     assert doc["pin"] is None and doc["owner"]["node"] == target, doc
     assert doc["next"] == {"action": "stick", "node": target}, doc
-    assert r.exists(P + b"pin:" + cid.encode()) == 0
+    assert records.pin(r, cid) is None
     check_routed(route(ha2, cid), "hit", target)
     assert cli("unpin", cid, config=cfg1).returncode == 1  # nothing left to remove
 
@@ -145,7 +141,7 @@ def test_pins_from_cli_and_redis_are_followed_by_both_balancers(stack: Stack, ha
     cid2 = f"pin-redis-{v}"
     was = route(ha2, cid2)["node"]
     target2 = next(n for n in reversed(NODES) if n != was)
-    r.hset(P + b"pin:" + cid2.encode(), mapping={"node": target2, "reason": "redis-py", "created_at": int(time.time())})
+    records.write_pin(r, cid2, target2, reason="redis-py")
     wait_until(lambda: route(ha1, cid2)["how"] == "pinned", timeout=1.0,
                message=f"{cid2}: pin written in Redis not followed within 1 s")
     for b in bals:
@@ -157,12 +153,13 @@ def test_pins_from_cli_and_redis_are_followed_by_both_balancers(stack: Stack, ha
     cid3 = f"pin-redis-cli-{v}"
     was = route(ha1, cid3)["node"]
     target3 = next(n for n in NODES if n != was)
+    pins_key = records.keys(r).client(cid3.encode())[1].decode()  # what `mqtt-affinity show` prints
     res = subprocess.run(
         [redis_cli, "-h", "127.0.0.1", "-p", str(stack.redis.port),
-         "HSET", f"{PREFIX}pin:{cid3}", "node", target3, "reason", "redis-cli", "created_at", str(int(time.time()))],
+         "HSET", pins_key, cid3, f"{target3}|0|{int(time.time())}|redis-cli"],
         capture_output=True, text=True, timeout=10,
     )  # fmt: skip
-    assert res.returncode == 0 and res.stdout.strip().endswith("3"), (res.stdout, res.stderr)
+    assert res.returncode == 0 and res.stdout.strip().endswith("1"), (res.stdout, res.stderr)
     wait_until(lambda: route(ha2, cid3)["how"] == "pinned", timeout=1.0,
                message=f"{cid3}: pin written with redis-cli not followed within 1 s")
     for b in bals:
@@ -185,10 +182,10 @@ def test_pins_from_cli_and_redis_are_followed_by_both_balancers(stack: Stack, ha
     res = cli("pin", cid5, dead, config=cfg2)
     assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
     assert "down" in res.stderr and res.stderr.count("\n") == 1, res.stderr
-    assert r.exists(P + b"pin:" + cid5.encode()) == 0
+    assert records.pin(r, cid5) is None
 
     # ... and a pin written straight into Redis is ignored by the agents.
-    r.hset(P + b"pin:" + cid5.encode(), mapping={"node": dead, "reason": "by hand"})
+    records.write_pin(r, cid5, dead, reason="by hand")
     new5 = route(ha2, cid5)
     assert new5["how"] == "assigned" and new5["node"] != dead and new5["server"] == new5["node"], new5
     check_routed(route(ha1, cid5), "hit", new5["node"])

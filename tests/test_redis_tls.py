@@ -23,7 +23,7 @@ from agent.core import Core
 from agent.endpoint import RedisEndpoint
 from agent.model import How, Keys
 from agent.request import ConnectRequest
-from devstack import free_port
+from devstack import free_port, records
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,7 @@ def test_every_client_uses_tls_with_ca_and_client_certificate(tls_port: int, cer
     assert d.how == How.ASSIGNED and d.source == "redis"  # type: ignore[attr-defined]
     # The CLI's client, from the same URL: same TLS options, same database.
     sync = RedisEndpoint.parse(u).sync_client()
-    assert sync.hget(Keys().owner(b"tls-client"), "node") == d.node.encode()  # type: ignore[attr-defined]
+    assert records.owner(sync, b"tls-client").node == d.node  # type: ignore[attr-defined,union-attr]
     assert sync.client_info()["db"] == 2
     sync.hset(Keys().node_state, "n1", "drain")
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import redis
 
 from agent import placement
 from agent.config import NodeConfig
-from agent.model import Keys, NodeState
+from agent.model import NodeState
 from agent.rules import NodeOverrides, eligibility, predict
 from agent.store import RedisStore
+from devstack import records
 
 NAMES = ("n1", "n2", "n3", "n4")
 NODES = tuple(NodeConfig(n, "h", i + 1) for i, n in enumerate(NAMES))
@@ -26,7 +28,6 @@ def test_predict_matches_decide_lua(redis_server_session: Any) -> None:
     rng = random.Random(7)
     r = redis.Redis.from_url(redis_server_session.url)
     r.flushall()
-    keys = Keys()
     cases = []
     for i in range(400):
         cid = f"case-{i}".encode()
@@ -39,22 +40,23 @@ def test_predict_matches_decide_lua(redis_server_session: Any) -> None:
         ov = NodeOverrides(states, weights, {n: 1000 for n in NAMES})
         waiting = frozenset(n for n in NAMES if n not in healthy and rng.random() < 0.5)
         if owner:
-            r.hset(keys.owner(cid), mapping={"node": owner, "placed_at": 1, "by": "t"})
+            records.write_owner(r, cid, owner)
         if pin:
-            r.hset(keys.pin(cid), mapping={"node": pin})
+            records.write_pin(r, cid, pin)
         cases.append((cid, owner, pin, ov, healthy, persistent, waiting))
 
     async def go() -> list[tuple[Any, Any]]:
         store = RedisStore(redis_server_session.url, timeout=2.0, pool_size=2)
         out = []
         try:
+            await store.load_layout()
             for cid, owner, pin, ov, healthy, persistent, waiting in cases:
                 elig = eligibility(NODES, healthy, ov, 20)
                 expected = predict(cid, owner=owner, pin=pin, elig=elig, overrides=ov, persistent=persistent,
                                    waiting=waiting)
                 got = await store.decide(
                     cid, persistent=persistent, candidate=placement.choose(cid, elig.placeable), ttl=100,
-                    now=1_700_000_000, usable=elig.usable, evacuating=elig.evacuating, waiting=waiting, by="t",
+                    now=int(time.time()), usable=elig.usable, evacuating=elig.evacuating, waiting=waiting, by="t",
                 )
                 out.append((expected, got))
         finally:

@@ -65,7 +65,7 @@ _STATE_HELP = {
 COMMANDS: tuple[Command[Any], ...] = (
     Command(
         "pin", "send a client to a node (its session moves there for good)",
-        "Pin CLIENT_ID to NODE (writes <prefix>pin:<cid> {node, reason, created_at}). Refused with "
+        "Pin CLIENT_ID to NODE (writes the client's entry in <prefix>{<bucket>}p). Refused with "
         "status 1 if NODE is unknown, with status 2 if it is in maintenance or down. Agents read pins "
         "on every decision.",
         cmd.pin_args, cmd.pin, render.pinned_text,
@@ -87,7 +87,7 @@ COMMANDS: tuple[Command[Any], ...] = (
         "the run-time override (or the configured weight), 0 while draining, evacuating, in maintenance "
         "or down. When no node takes new clients (all draining, say), the agents place them on every "
         "usable node, and the column shows those nodes' weights.",
-        cmd.no_args, cmd.nodes, render.nodes_text, render.nodes_json,
+        cmd.count_arg, cmd.nodes, render.nodes_text, render.nodes_json,
     ),
     Command("drain", _STATE_HELP["drain"], None, cmd.node_arg, cmd.drain, render.state_text),
     Command("activate", _STATE_HELP["activate"], None, cmd.node_arg, cmd.activate, render.state_text),
@@ -107,13 +107,21 @@ COMMANDS: tuple[Command[Any], ...] = (
         "stats", "totals: records, pins, sessions per node, the agent's decision counters", None,
         cmd.stats_args, cmd.stats, render.stats_text, render.stats_json,
     ),
+    Command(
+        "migrate", "move records of the version-1 key layout into the buckets (safe while agents serve)",
+        "Agents read version-1 records (<prefix>owner:<cid>, <prefix>pin:<cid>) through until this has run: "
+        "it moves each into its client's bucket unless the bucket already has a newer record, removes the "
+        "old <prefix>placed:<node> index, and records in <prefix>layout that nothing is left to read through. "
+        "Run it once after upgrading every agent; running it again is harmless.",
+        cmd.migrate_args, cmd.migrate, render.migrate_text,
+    ),
 )  # fmt: skip
 
 _EPILOG = (
     "Redis is found with --config (the agent YAML: preferred, it gives the node list, "
     "addresses, weights and metrics address), else --redis-url (+ --key-prefix), else the "
     f"{CONFIG_ENV} environment variable. With --redis-url alone there is no node list: a node is "
-    "known if it appears in <prefix>node-state, <prefix>node-weight or as a <prefix>placed:<node> key, "
+    "known if it appears in <prefix>node-state, <prefix>node-weight or in the agents' session counts, "
     "and nodes cannot be probed. 'Down' means a single TCP connect to the node's configured "
     "address failed within health.timeout (the agent's own checks may differ: mqtt probes, rise/fall). "
     f"Exit status: {ExitCode.OK} ok, {ExitCode.NOT_FOUND} not found (unknown node, client, pin) or Redis "

@@ -9,6 +9,7 @@ and reads of several keys go in a plain pipeline.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,15 +19,17 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from agent.endpoint import RedisEndpoint
-from agent.model import Keys, NodeState
+from agent.model import LAYOUT_VERSION, NEVER, Keys, NodeState, OwnerRecord, PinRecord
 from agent.rules import NodeOverrides, parse_overrides, parse_state
+from agent.store import Layout, load_script, parse_layout, parse_sessions
 
-__all__ = ["REDIS_TIMEOUT", "ClientRecord", "RedisAccess"]
+__all__ = ["REDIS_TIMEOUT", "ClientRecord", "Migrated", "RedisAccess", "Totals"]
 
 #: Socket timeout for every Redis call: long enough for a loaded server, short enough that an
 #: operator at a terminal is not left waiting on a black-holed address.
 REDIS_TIMEOUT = 2.0
 _SCAN_COUNT = 1000
+_SWEEP_BATCH = 512
 
 
 def _text(value: Any) -> str:
@@ -55,12 +58,38 @@ class ClientRecord:
     pin_ttl: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """What the last record sweep counted."""
+
+    sessions: Mapping[str, int]
+    pins: int
+    #: When the sweep finished (unix seconds); None: no sweep has run yet.
+    at: float | None
+
+    @property
+    def records(self) -> int:
+        return sum(self.sessions.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Migrated:
+    owners: int
+    pins: int
+    dropped: int
+
+
+def _left(expiry: int, now: float) -> int | None:
+    return None if expiry == NEVER else max(0, int(expiry - now))
+
+
 class RedisAccess:
     """The operator commands' Redis: one synchronous client and one key prefix."""
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.client = client
-        self.keys = keys
+        self._keys = keys
+        self._layout: Layout | None = None
 
     @classmethod
     def connect(cls, endpoint: RedisEndpoint, keys: Keys, *, timeout: float = REDIS_TIMEOUT) -> RedisAccess:
@@ -80,6 +109,27 @@ class RedisAccess:
         except Exception:  # closing a dead connection must not mask the real error
             pass
 
+    # -- layout --------------------------------------------------------------------------
+
+    @property
+    def layout(self) -> Layout:
+        """``P layout`` as the agents read it (a deployment no agent has started yet: the defaults)."""
+        if self._layout is None:
+            self._layout = parse_layout(self.client.hgetall(self._keys.layout))
+        return self._layout
+
+    @property
+    def keys(self) -> Keys:
+        """Key names with the bucket count in force."""
+        buckets = self.layout.buckets
+        if buckets != self._keys.buckets:
+            self._keys = self._keys.with_buckets(buckets)
+        return self._keys
+
+    def _script(self, name: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        """Run one of the agent's Lua scripts (the same text the agents load)."""
+        return self.client.eval(load_script(name), len(keys), *keys, *args)
+
     # -- reads ---------------------------------------------------------------------------
 
     def overrides(self) -> NodeOverrides:
@@ -92,55 +142,89 @@ class RedisAccess:
         return parse_overrides(states, weights, rates)
 
     def named_nodes(self) -> list[str]:
-        """Nodes Redis names: in ``node-state``, in ``node-weight`` or with a ``placed:<node>`` key."""
+        """Nodes Redis names: in ``node-state``, in ``node-weight`` or with counted sessions."""
         pipe = self.client.pipeline(transaction=False)
         pipe.hkeys(self.keys.node_state)
         pipe.hkeys(self.keys.node_weight)
         states, weights = pipe.execute()
         names = {_text(n) for n in (*states, *weights)}
-        base = self.keys.raw + Keys.PLACED
-        for key in self.client.scan_iter(match=self.keys.scan_pattern(Keys.PLACED), count=_SCAN_COUNT):
-            names.add(_text(bytes(key)[len(base):]))
+        names.update(self.totals().sessions)
         return sorted(names)
 
     def client_record(self, cid: bytes) -> ClientRecord:
-        owner_key, pin_key = self.keys.owner(cid), self.keys.pin(cid)
+        """The client's owner record and pin (expired ones count as none), as field mappings."""
+        keys, now = self.keys, time.time()
+        owners, pins = keys.client(cid)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(owner_key)
-        pipe.ttl(owner_key)
-        pipe.hgetall(pin_key)
-        pipe.ttl(pin_key)
-        owner, owner_ttl, pin, pin_ttl = pipe.execute()
-        return ClientRecord(_hash(owner), _ttl(owner_ttl), _hash(pin), _ttl(pin_ttl))
+        pipe.hget(owners, cid)
+        pipe.hget(pins, cid)
+        owner_raw, pin_raw = pipe.execute()
+        owner: dict[str, str] = {}
+        pin: dict[str, str] = {}
+        owner_ttl = pin_ttl = None
+        if owner_raw is not None and (o := OwnerRecord.decode(owner_raw)).live(now):
+            owner = {"node": o.node, "placed_at": str(o.placed_at), "by": o.by}
+            owner_ttl = _left(o.expiry, now)
+        if pin_raw is not None and (p := PinRecord.decode(pin_raw)).live(now):
+            pin = {"node": p.node, "reason": p.reason, "created_at": str(p.created_at)}
+            pin_ttl = _left(p.expiry, now)
+        if self.layout.v1 and not (owner and pin):
+            # Not migrated yet: the agents would read these through at the client's next CONNECT.
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(keys.v1_owner(cid))
+            pipe.ttl(keys.v1_owner(cid))
+            pipe.hgetall(keys.v1_pin(cid))
+            pipe.ttl(keys.v1_pin(cid))
+            v1_owner, v1_owner_ttl, v1_pin, v1_pin_ttl = pipe.execute()
+            if not owner and v1_owner:
+                owner, owner_ttl = _hash(v1_owner), _ttl(v1_owner_ttl)
+            if not pin and v1_pin:
+                pin, pin_ttl = _hash(v1_pin), _ttl(v1_pin_ttl)
+        return ClientRecord(owner, owner_ttl, pin, pin_ttl)
 
-    def live_sessions(self, nodes: Sequence[str], now: float) -> dict[str, int]:
-        """Per node, the ``placed:<node>`` members whose record has not expired at ``now``."""
-        if not nodes:
-            return {}
-        pipe = self.client.pipeline(transaction=False)
-        for node in nodes:
-            pipe.zcount(self.keys.placed(node), f"({now}", "+inf")
-        return {node: int(n) for node, n in zip(nodes, pipe.execute())}
+    def totals(self) -> Totals:
+        """Sessions per node and pins, as counted by the last sweep."""
+        counts, at = parse_sessions(self.client.hgetall(self.keys.sessions))
+        pins = self.client.hget(self.keys.sessions, "_pins")
+        return Totals(counts, int(pins) if pins is not None else 0, at)
 
-    def count(self, infix: bytes) -> int:
-        """Keys of one kind (``Keys.OWNER``, ``Keys.PIN``), counted with SCAN: safe on a busy Redis."""
-        return sum(1 for _ in self.client.scan_iter(match=self.keys.scan_pattern(infix), count=_SCAN_COUNT))
+    def count_now(self) -> Totals:
+        """Run a sweep pass now (as the agents do), publish and return its totals."""
+        keys, now = self.keys, int(time.time())
+        counts: dict[str, int] = {}
+        pins = 0
+        source = load_script("sweep.lua")
+        sha = self.client.script_load(source)
+        for start in range(0, keys.buckets, _SWEEP_BATCH):
+            pipe = self.client.pipeline(transaction=False)
+            for b in range(start, min(start + _SWEEP_BATCH, keys.buckets)):
+                pipe.evalsha(sha, 2, keys.owners(b), keys.pins(b), now)
+            for reply in pipe.execute():
+                pins += int(reply[0])
+                for j in range(1, len(reply), 2):
+                    node = _text(reply[j])
+                    counts[node] = counts.get(node, 0) + int(reply[j + 1])
+        fields: dict[Any, Any] = {**counts, "_pins": pins, "_at": now}
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(keys.sessions)
+        pipe.hset(keys.sessions, mapping=fields)
+        pipe.execute()
+        return Totals(counts, pins, float(now))
 
     # -- writes --------------------------------------------------------------------------
 
     def write_pin(self, cid: bytes, node: str, *, reason: str, created_at: int, ttl: int | None) -> None:
-        """Replace the client's pin as a whole (one key, one transaction); ``ttl`` None: no expiry."""
-        key = self.keys.pin(cid)
-        pipe = self.client.pipeline(transaction=True)
-        # DEL first: a re-pin must not inherit the old pin's fields or expiry.
-        pipe.delete(key)
-        pipe.hset(key, mapping={"node": node, "reason": reason, "created_at": created_at})
-        if ttl:
-            pipe.expire(key, ttl)
-        pipe.execute()
+        """Replace the client's pin as a whole; ``ttl`` None: no expiry."""
+        expiry = created_at + ttl if ttl else NEVER
+        self.client.hset(self.keys.client(cid)[1], cid, PinRecord(node, expiry, created_at, reason).encode())
+        if self.layout.v1:
+            self.client.delete(self.keys.v1_pin(cid))  # else the agents would read an old pin through
 
     def delete_pin(self, cid: bytes) -> bool:
-        return bool(self.client.delete(self.keys.pin(cid)))
+        removed = bool(self.client.hdel(self.keys.client(cid)[1], cid))
+        if self.layout.v1:
+            removed = bool(self.client.delete(self.keys.v1_pin(cid))) or removed
+        return removed
 
     def set_state(self, node: str, state: NodeState) -> NodeState:
         """Set the node's state; the state it had (what the agents read: invalid = active)."""
@@ -163,3 +247,33 @@ class RedisAccess:
     def reset_weight(self, node: str) -> bool:
         """Remove the override; whether there was one."""
         return bool(self.client.hdel(self.keys.node_weight, node))
+
+    # -- migration -----------------------------------------------------------------------
+
+    def migrate(self, *, dry_run: bool = False) -> Migrated:
+        """Move every version-1 key into its bucket, drop the old index keys, record it in
+        ``P layout``. Safe while agents serve: they do the same import in their decisions."""
+        keys, now = self.keys, int(time.time())
+        moved = {"owner": 0, "pin": 0}
+        dropped = 0
+        sha = "" if dry_run else str(self.client.script_load(load_script("migrate.lua")))
+        for kind, infix, bucket_of in (
+            ("owner", Keys.V1_OWNER, lambda c: keys.client(c)[0]),
+            ("pin", Keys.V1_PIN, lambda c: keys.client(c)[1]),
+        ):
+            base = len(keys.raw + infix)
+            for key in self.client.scan_iter(match=keys.scan_pattern(infix), count=_SCAN_COUNT):
+                cid = bytes(key)[base:]
+                if dry_run:
+                    moved[kind] += 1
+                else:
+                    moved[kind] += int(self.client.evalsha(sha, 2, key, bucket_of(cid), cid, kind, now))  # type: ignore[no-untyped-call]
+        for infix in (Keys.V1_PLACED, b"evac:"):
+            for key in self.client.scan_iter(match=keys.scan_pattern(infix), count=_SCAN_COUNT):
+                dropped += 1
+                if not dry_run:
+                    self.client.delete(key)
+        if not dry_run:
+            self.client.hset(keys.layout, mapping={"version": LAYOUT_VERSION, "buckets": keys.buckets, "v1": "gone"})
+            self._layout = None
+        return Migrated(moved["owner"], moved["pin"], dropped)

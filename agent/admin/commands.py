@@ -15,10 +15,12 @@ from collections.abc import Callable
 
 from agent.admin import explain as ex
 from agent.admin import scrape
+from agent.admin.access import Totals
 from agent.admin.context import Context
 from agent.admin.errors import CommandError
 from agent.admin.render import show_cid
 from agent.admin.results import (
+    MigrateView,
     NodesView,
     Pinned,
     ShowView,
@@ -27,13 +29,14 @@ from agent.admin.results import (
     Unpinned,
     WeightChanged,
 )
-from agent.model import ExitCode, Keys, NodeState
+from agent.model import ExitCode, NodeState
 
 __all__ = [
     "activate",
     "drain",
     "evacuate",
     "maintenance",
+    "migrate",
     "nodes",
     "pin",
     "show",
@@ -107,15 +110,22 @@ def weight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reset", action="store_true", help="remove the override: the configured weight applies")
 
 
+def count_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--count", action="store_true",
+                   help="count sessions now (a sweep of every record bucket) instead of showing the agents' "
+                        "last count")  # fmt: skip
+
+
 def stats_args(p: argparse.ArgumentParser) -> None:
+    count_arg(p)
     p.add_argument(
         "--metrics-url", metavar="URL",
         help="agent metrics endpoint (default: http://<metrics_listen>/metrics from the config)",
     )  # fmt: skip
 
 
-def no_args(p: argparse.ArgumentParser) -> None:
-    pass
+def migrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="count what would move, change nothing")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -139,13 +149,13 @@ def client_id(args: argparse.Namespace) -> bytes:
     return cid
 
 
-def _node_rows(ctx: Context, *, probe: bool) -> list[ex.NodeRow]:
+def _node_rows(ctx: Context, totals: Totals, *, probe: bool) -> list[ex.NodeRow]:
     """Configured nodes in config order (or the names Redis holds), then nodes only Redis knows."""
     overrides = ctx.redis.overrides()
     nodes = ctx.rule_nodes()
     names = [n.name for n in nodes]
     extra = [n for n in ctx.redis.named_nodes() if n not in names] if ctx.exact else []
-    sessions = ctx.redis.live_sessions(names + extra, time.time())
+    sessions = {n: totals.sessions.get(n, 0) for n in names + extra}
     addresses = {n: f"{a[0]}:{a[1]}" for n in names if (a := ctx.address(n)) is not None}
     return ex.node_rows(
         nodes,
@@ -177,7 +187,7 @@ def pin(args: argparse.Namespace, ctx: Context) -> Pinned:
             f"within {ctx.probe_timeout:g}s)",
         )
     ctx.redis.write_pin(cid, node, reason=args.reason, created_at=int(time.time()), ttl=args.ttl)
-    return Pinned(cid, args.hex, node, args.ttl)
+    return Pinned(cid, args.hex, node, args.ttl, keys=ctx.redis.keys.client(cid))
 
 
 def unpin(args: argparse.Namespace, ctx: Context) -> Unpinned:
@@ -217,22 +227,28 @@ def show(args: argparse.Namespace, ctx: Context) -> ShowView:
         owner_state=overrides.state(owner) if owner else None,
         owner_health=health.get(owner) if owner else None,
         explanation=explanation,
+        keys=ctx.redis.keys.client(cid),
     )
 
 
 # --------------------------------------------------------------------------- nodes / stats
 
 
+def _totals(args: argparse.Namespace, ctx: Context) -> Totals:
+    return ctx.redis.count_now() if args.count else ctx.redis.totals()
+
+
 def nodes(args: argparse.Namespace, ctx: Context) -> NodesView:
-    """Per node: state, weights, a TCP probe now, live sessions from ``placed:<node>``."""
-    return NodesView(_node_rows(ctx, probe=True), exact=ctx.exact)
+    """Per node: state, weights, a TCP probe now, sessions (the last sweep's count, or --count)."""
+    totals = _totals(args, ctx)
+    return NodesView(_node_rows(ctx, totals, probe=True), exact=ctx.exact, counted_at=totals.at)
 
 
 def stats(args: argparse.Namespace, ctx: Context) -> StatsView:
     """Totals from Redis, plus the agent's own counters when its metrics endpoint answers."""
-    records = ctx.redis.count(Keys.OWNER)
-    pins = ctx.redis.count(Keys.PIN)
-    rows = _node_rows(ctx, probe=False)
+    totals = _totals(args, ctx)
+    records, pins = totals.records, totals.pins
+    rows = _node_rows(ctx, totals, probe=False)
     url: str | None = args.metrics_url or scrape.default_metrics_url(ctx.config)
     counters: scrape.AgentCounters | None = None
     error: str | None = None
@@ -243,7 +259,13 @@ def stats(args: argparse.Namespace, ctx: Context) -> StatsView:
             counters = scrape.fetch(url)
         except scrape.ScrapeError as exc:
             error = str(exc)
-    return StatsView(records, pins, rows, url, counters, error)
+    return StatsView(records, pins, rows, url, counters, error, counted_at=totals.at)
+
+
+def migrate(args: argparse.Namespace, ctx: Context) -> MigrateView:
+    """Move version-1 records into the buckets (safe while agents serve)."""
+    done = ctx.redis.migrate(dry_run=args.dry_run)
+    return MigrateView(done.owners, done.pins, done.dropped, dry_run=args.dry_run)
 
 
 # --------------------------------------------------------------------------- node state / weight

@@ -7,12 +7,14 @@ nothing here reads Redis or prints.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from agent.admin.explain import NodeRow
 from agent.admin.results import (
+    MigrateView,
     NodesView,
     Pinned,
     ShowView,
@@ -134,8 +136,15 @@ def pinned_text(r: Pinned) -> str:
     return (
         f"pinned {show_cid(r.cid, r.as_hex)} to {r.node}{ttl}\n"
         f"note: a client that keeps a session starts a new one on {r.node} at its next CONNECT and stays "
-        "there after unpin; anything queued on its old broker stays behind"
+        "there after unpin; anything queued on its old broker stays behind\n"
+        f"keys: {_keys(r.keys, r.cid, r.as_hex)}"
     )
+
+
+def _keys(keys: tuple[bytes, bytes], cid: bytes, as_hex: bool) -> str:
+    """Where the client's records live (the bucket hashes; its field is its id)."""
+    owners, pins = (k.decode("utf-8", "replace") for k in keys)
+    return f"{owners} (record), {pins} (pin); field {show_cid(cid, as_hex)}"
 
 
 def unpinned_text(r: Unpinned) -> str:
@@ -201,6 +210,7 @@ def show_json(v: ShowView) -> JSON:
     )
     doc["why"] = v.explanation.why
     doc["next"] = {"action": v.explanation.action.value, "node": v.explanation.node}
+    doc["keys"] = {"record": v.keys[0].decode("utf-8", "replace"), "pin": v.keys[1].decode("utf-8", "replace")}
     return doc
 
 
@@ -227,6 +237,7 @@ def show_text(v: ShowView) -> str:
     else:
         pairs.append(("pin", "-"))
     pairs.append(("why", v.explanation.why))
+    pairs.append(("keys", _keys(v.keys, v.cid, v.as_hex)))
     return kv(pairs)
 
 
@@ -247,8 +258,16 @@ def _row_json(r: NodeRow) -> JSON:
     }
 
 
+def counted(at: float | None, now: float | None = None) -> str:
+    """When the sessions shown were counted (the agents' record sweep, or --count)."""
+    if at is None:
+        return "sessions: not counted yet (the agents count them every sweep_interval; --count counts now)"
+    age = max(0, int((now if now is not None else time.time()) - at))
+    return f"sessions as counted {age}s ago ({fmt_time(str(int(at)))}); --count counts now"
+
+
 def nodes_json(v: NodesView) -> JSON:
-    return {"nodes": [_row_json(r) for r in v.rows]}
+    return {"nodes": [_row_json(r) for r in v.rows], "sessions_counted_at": v.counted_at}
 
 
 def nodes_text(v: NodesView) -> str:
@@ -265,6 +284,7 @@ def nodes_text(v: NodesView) -> str:
         for r in v.rows
     ]
     out = table(["NODE", "STATE", "WEIGHT", "OVERRIDE", "EFFECTIVE", "HEALTH", "SESSIONS"], cells)
+    out += "\n" + counted(v.counted_at)
     if not v.exact:
         out += "\n(no --config: nodes are those named in Redis; health cannot be probed)"
     return out
@@ -285,6 +305,7 @@ def stats_json(v: StatsView) -> JSON:
         "pins": v.pins,
         "nodes": {r.node: {"state": r.state.value, "sessions": r.sessions} for r in v.rows},
         "sessions_total": v.sessions_total,
+        "sessions_counted_at": v.counted_at,
         "agent_metrics": _metrics_json(v),
     }
 
@@ -292,7 +313,8 @@ def stats_json(v: StatsView) -> JSON:
 def stats_text(v: StatsView) -> str:
     parts = [
         kv([("records", str(v.records)), ("pins", str(v.pins)), ("sessions", str(v.sessions_total))]),
-        table(["NODE", "STATE", "SESSIONS"], [[r.node, r.state.value, str(r.sessions)] for r in v.rows]),
+        table(["NODE", "STATE", "SESSIONS"], [[r.node, r.state.value, str(r.sessions)] for r in v.rows])
+        + "\n" + counted(v.counted_at),
     ]
     if v.counters is None:
         parts.append(f"agent metrics: unreachable ({v.metrics_url or '-'}: {v.error})")
@@ -303,3 +325,12 @@ def stats_text(v: StatsView) -> str:
         block = "\n".join("  " + line for line in kv(pairs).splitlines())
         parts.append(f"agent metrics ({v.metrics_url}):\n{block}")
     return "\n\n".join(parts)
+
+
+def migrate_text(v: MigrateView) -> str:
+    verb = "would move" if v.dry_run else "moved"
+    text = (f"{verb} {v.owners} owner records and {v.pins} pins into their buckets; "
+            f"{'would remove' if v.dry_run else 'removed'} {v.dropped} version-1 index keys")
+    if not v.dry_run:
+        text += "\nlayout: version-1 keys are no longer read through"
+    return text

@@ -35,6 +35,8 @@ class Pinned(Result):
     as_hex: bool
     node: str
     ttl: int | None
+    #: (owner records key, pins key): the client's field in each is its id.
+    keys: tuple[bytes, bytes] = (b"", b"")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class ShowView(Result):
     owner_state: NodeState | None
     owner_health: bool | None
     explanation: Explanation
+    #: (owner records key, pins key): the client's field in each is its id.
+    keys: tuple[bytes, bytes] = (b"", b"")
 
     @property
     def found(self) -> bool:
@@ -90,6 +94,8 @@ class NodesView(Result):
     rows: list[NodeRow]
     #: Nodes come from a config (else: the names Redis holds, unprobed).
     exact: bool
+    #: When the sessions were counted (unix seconds); None: never.
+    counted_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,18 @@ class StatsView(Result):
     counters: AgentCounters | None
     #: Why the counters are missing.
     error: str | None
+    #: When the sessions were counted (unix seconds); None: never.
+    counted_at: float | None = None
 
     @property
     def sessions_total(self) -> int:
         return sum(r.sessions for r in self.rows)
+
+
+@dataclass(frozen=True)
+class MigrateView(Result):
+    owners: int
+    pins: int
+    #: Version-1 index keys (placed:<node>, evac:*) removed.
+    dropped: int
+    dry_run: bool

@@ -4,139 +4,154 @@
 -- and a read-then-write from the agent would race. Inside the script the read, the rules
 -- and the write are one step, so the second agent always sees the first agent's record.
 --
--- KEYS[1]  <P>owner:<cid>   HASH {node, placed_at, by}
--- KEYS[2]  <P>pin:<cid>     HASH {node, reason, created_at}
--- ARGV[1]  P (key prefix)   ARGV[2] cid (raw bytes)
--- ARGV[3]  mode: "p" persistent | "c" clean
--- ARGV[4]  HRW candidate over the placeable nodes ("" = none)
--- ARGV[5]  record TTL in seconds (0 = never expires)
--- ARGV[6]  now (unix seconds, integer)
--- ARGV[7]  by (balancer label or agent id)
--- ARGV[8]  n = number of usable nodes, then n node names
--- then     m = number of evacuating nodes, then m pairs (node, moves per second)
+-- Every key it touches is declared and shares the client's hash tag (one Cluster slot):
+-- KEYS[1]  P{<bucket>}o   HASH cid -> "node|expiry|placed_at|by"      (owner records)
+-- KEYS[2]  P{<bucket>}p   HASH cid -> "node|expiry|created_at|reason" (pins)
+-- KEYS[3]  P owner:<cid>  (optional) version-1 owner HASH, read through and moved in
+-- KEYS[4]  P pin:<cid>    (optional) version-1 pin HASH, read through and moved in
+-- ARGV[1]  cid (raw bytes)
+-- ARGV[2]  mode: "p" persistent | "c" clean
+-- ARGV[3]  HRW candidate over the placeable nodes ("" = none)
+-- ARGV[4]  record TTL in seconds (0 = never expires)
+-- ARGV[5]  now (unix seconds, integer)
+-- ARGV[6]  by (balancer label or agent id)
+-- ARGV[7]  evacuation token: the node this agent may move the client off now ("" = none)
+-- ARGV[8]  refresh step: a hit rewrites the record only when its expiry would move by this much
+-- ARGV[9]  n = number of usable nodes, then n node names
+-- then     m = number of evacuating nodes, then m names
 -- then     k = number of nodes in restart grace (down for less than owner_down_grace), then k names
 --
--- The placed:<node> and evac:<node>:<second> keys are derived from P inside the script,
--- so this is for a single (non-cluster) Redis, which is what the agent supports.
---
--- Returns {node, how, previous, pin_ignored}; "" stands for none.
+-- Returns {node, how, previous, pin_ignored, flag}; "" stands for none. flag "e": the owner is
+-- evacuating and the client would move to the candidate: the agent claims one move from the
+-- shared budget (claim.lua) and, if granted, asks again with the token in ARGV[7].
 -- how: HOW_HIT | HOW_ASSIGNED | HOW_MOVED | HOW_PINNED | HOW_NONE | HOW_WAIT
 --
--- HOW_*, INFIX_* and NO_EXPIRY come from the prelude agent/model.py puts before this file
--- (one definition of the vocabulary); this file alone is not a complete script.
+-- HOW_*, SEP and NEVER come from the prelude agent/model.py puts before this file (one
+-- definition of the vocabulary), v1_import from v1.lua; this file alone is not a complete script.
 
-local owner_key = KEYS[1]
-local pin_key = KEYS[2]
-local prefix = ARGV[1]
-local cid = ARGV[2]
-local persistent = ARGV[3] == 'p'
-local cand = ARGV[4]
-local ttl = tonumber(ARGV[5])
-local now = tonumber(ARGV[6])
-local by = ARGV[7]
+local owners = KEYS[1]
+local pins = KEYS[2]
+local cid = ARGV[1]
+local persistent = ARGV[2] == 'p'
+local cand = ARGV[3]
+local ttl = tonumber(ARGV[4])
+local now = tonumber(ARGV[5])
+local by = ARGV[6]
+local token = ARGV[7]
+local step = tonumber(ARGV[8])
 
-local usable = {}
-local i = 8
-local n = tonumber(ARGV[i])
-for j = 1, n do usable[ARGV[i + j]] = true end
-i = i + n + 1
-local evac = {}
-local m = tonumber(ARGV[i])
-for j = 1, m do
-  evac[ARGV[i + 2 * j - 1]] = tonumber(ARGV[i + 2 * j])
+local function set_of(i)
+  local s = {}
+  local n = tonumber(ARGV[i])
+  for j = 1, n do s[ARGV[i + j]] = true end
+  return s, i + n + 1
 end
-i = i + 2 * m + 1
-local grace = {}
-local k = tonumber(ARGV[i] or '0')
-for j = 1, k do grace[ARGV[i + j]] = true end
+local usable, i = set_of(9)
+local evac
+evac, i = set_of(i)
+local grace = set_of(i)
 
-local expiry = NO_EXPIRY
+local expiry = NEVER
 if ttl > 0 then expiry = now + ttl end
 
-local function placed_key(node) return prefix .. INFIX_PLACED .. node end
+-- "node|expiry|rest" -> node, expiry, rest (rest: placed_at|by or created_at|reason)
+local function parse(v)
+  local a = string.find(v, SEP, 1, true)
+  if not a then return v, NEVER, '' end
+  local b = string.find(v, SEP, a + 1, true)
+  if not b then return string.sub(v, 1, a - 1), tonumber(string.sub(v, a + 1)) or NEVER, '' end
+  return string.sub(v, 1, a - 1), tonumber(string.sub(v, a + 1, b - 1)) or NEVER, string.sub(v, b + 1)
+end
 
-local function set_ttl()
-  if ttl > 0 then
-    redis.call('EXPIRE', owner_key, ttl)
+local function live(exp) return exp == NEVER or exp > now end
+
+-- Version 1 keys (one HASH per client, TTL on the key) move into the buckets on first sight
+-- (v1_import comes from v1.lua, put before this file).
+v1_import(KEYS[3], owners, cid, now, 'placed_at', 'by')
+v1_import(KEYS[4], pins, cid, now, 'created_at', 'reason')
+
+local owner = ''
+local owner_exp = NEVER
+local owner_rest = ''
+local rec = redis.call('HGET', owners, cid)
+if rec then
+  owner, owner_exp, owner_rest = parse(rec)
+  if not live(owner_exp) then owner = '' end
+end
+
+local function place(node)
+  redis.call('HSET', owners, cid, node .. SEP .. expiry .. SEP .. now .. SEP .. by)
+end
+
+-- A hit keeps placed_at and by; it rewrites the record only when the expiry would move by
+-- at least `step`, so a client that reconnects often costs a read, not a write, each time.
+local function refresh()
+  local stale
+  if expiry == NEVER then
+    stale = owner_exp ~= NEVER
+  elseif owner_exp == NEVER then
+    stale = true -- the session used to be kept forever; this CONNECT asks for an expiry
   else
-    redis.call('PERSIST', owner_key)
+    stale = expiry - owner_exp >= step
   end
+  if stale then redis.call('HSET', owners, cid, owner .. SEP .. expiry .. SEP .. owner_rest) end
 end
-
--- Write the record for node; previous (may be false/"") loses the placed-set entry.
-local function place(node, previous)
-  redis.call('HSET', owner_key, 'node', node, 'placed_at', now, 'by', by)
-  set_ttl()
-  if previous and previous ~= '' and previous ~= node then
-    redis.call('ZREM', placed_key(previous), cid)
-  end
-  redis.call('ZADD', placed_key(node), expiry, cid)
-end
-
-local function refresh(node)
-  set_ttl()
-  redis.call('ZADD', placed_key(node), expiry, cid)
-end
-
-local owner = redis.call('HGET', owner_key, 'node')
-if not owner then owner = '' end
 
 -- 1. Pin.
 local pin_ignored = ''
-local pin = redis.call('HGET', pin_key, 'node')
-if pin then
-  if usable[pin] then
-    if persistent then
-      if owner ~= pin then place(pin, owner) else refresh(pin) end
+local prec = redis.call('HGET', pins, cid)
+if prec then
+  local pin, pin_exp = parse(prec)
+  if live(pin_exp) then
+    if usable[pin] then
+      if persistent then
+        if owner ~= pin then place(pin) else refresh() end
+      end
+      local prev = ''
+      if owner ~= pin then prev = owner end
+      return {pin, HOW_PINNED, prev, '', ''}
     end
-    local prev = ''
-    if owner ~= pin then prev = owner end
-    return {pin, HOW_PINNED, prev, ''}
+    pin_ignored = pin
   end
-  pin_ignored = pin
 end
 
 -- 2. Existing owner.
 if owner ~= '' then
   if usable[owner] then
-    local rate = evac[owner]
-    if rate ~= nil and cand ~= '' and cand ~= owner then
+    if evac[owner] and cand ~= '' and cand ~= owner then
       if not persistent then
         -- No session to carry over: a clean client simply leaves, without using the budget.
-        return {cand, HOW_MOVED, owner, pin_ignored}
+        return {cand, HOW_MOVED, owner, pin_ignored, ''}
       end
-      -- The bucket's second comes from Redis's clock, not the agent's: agents whose
-      -- clocks differ must still share one budget per second.
-      local bucket = prefix .. INFIX_EVAC .. owner .. ':' .. redis.call('TIME')[1]
-      local used = redis.call('INCR', bucket)
-      if used == 1 then redis.call('EXPIRE', bucket, 2) end
-      if used <= rate then
-        place(cand, owner)
-        return {cand, HOW_MOVED, owner, pin_ignored}
+      if token == owner then
+        place(cand)
+        return {cand, HOW_MOVED, owner, pin_ignored, ''}
       end
+      refresh()
+      return {owner, HOW_HIT, '', pin_ignored, 'e'}
     end
-    if persistent then refresh(owner) end
-    return {owner, HOW_HIT, '', pin_ignored}
+    if persistent then refresh() end
+    return {owner, HOW_HIT, '', pin_ignored, ''}
   end
   -- Owner is down, in maintenance or no longer configured.
   if persistent and grace[owner] then
     -- Down for less than the grace: moving would start an empty session elsewhere and
     -- strand the one on the owner. The client retries and comes back when it is up.
-    return {'', HOW_WAIT, owner, pin_ignored}
+    return {'', HOW_WAIT, owner, pin_ignored, ''}
   end
   if cand ~= '' and cand ~= owner then
-    if persistent then place(cand, owner) end
-    return {cand, HOW_MOVED, owner, pin_ignored}
+    if persistent then place(cand) end
+    return {cand, HOW_MOVED, owner, pin_ignored, ''}
   end
-  return {'', HOW_NONE, owner, pin_ignored}
+  return {'', HOW_NONE, owner, pin_ignored, ''}
 end
 
--- 3. No record.
+-- 3. No record (or an expired one).
 if cand == '' then
-  return {'', HOW_NONE, '', pin_ignored}
+  return {'', HOW_NONE, '', pin_ignored, ''}
 end
 if persistent then
-  place(cand, false)
-  return {cand, HOW_ASSIGNED, '', pin_ignored}
+  place(cand)
+  return {cand, HOW_ASSIGNED, '', pin_ignored, ''}
 end
-return {cand, HOW_NONE, '', pin_ignored}
+return {cand, HOW_NONE, '', pin_ignored, ''}
