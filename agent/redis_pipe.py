@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -109,6 +110,13 @@ class _Protocol(asyncio.Protocol):
             fut = waiting.popleft()
             # A caller that timed out gave up on its future; its reply still
             # arrives in its place and is skipped, so the stream stays in step.
+            if isinstance(reply, RedisReplyError) and str(reply).startswith("READONLY"):
+                # Connected to a primary that was demoted (a failover happened): every write
+                # here fails. Drop the connection; the next connect asks where the primary is.
+                if not fut.done():
+                    fut.set_exception(RedisConnectionError(f"Redis is no longer the primary: {reply}"))
+                owner._fail(RedisConnectionError("Redis is no longer the primary (READONLY)"))
+                return
             if not fut.done():
                 if isinstance(reply, RedisReplyError):
                     fut.set_exception(reply_error(reply))
@@ -143,8 +151,13 @@ class PipelinedRedis:
     instead of feeding a dead socket.
     """
 
-    def __init__(self, target: PipeTarget, *, connect_timeout: float = 1.0) -> None:
+    def __init__(
+        self, target: PipeTarget | Callable[[], Awaitable[PipeTarget]], *, connect_timeout: float = 1.0
+    ) -> None:
+        #: Where to connect: fixed, or asked anew at every connect (a Sentinel-given primary).
         self._target = target
+        #: (host, port) of the current connection.
+        self.address: tuple[str, int] | None = None
         self._connect_timeout = connect_timeout
         self._proto: _Protocol | None = None
         self._ready = False
@@ -193,7 +206,7 @@ class PipelinedRedis:
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
-        t = self._target
+        t = self._target if isinstance(self._target, PipeTarget) else await self._target()
         self._fail(RedisConnectionError("reconnecting"))  # whatever was left of the previous one
         proto = _Protocol(self)
         self._proto = proto
@@ -210,15 +223,19 @@ class PipelinedRedis:
             await self._enqueue(command, None)
         if self._proto is proto:
             self._ready = True
+            self.address = (t.host or t.path or "", t.port)
 
-    def execute(self, *args: bytes | str | int | float, timeout: float | None = None) -> asyncio.Future[Any]:
+    def execute(
+        self, *args: bytes | str | int | float, key: bytes = b"", timeout: float | None = None
+    ) -> asyncio.Future[Any]:
         """Queue one command; the returned future resolves with its reply.
 
         With ``timeout``, the future fails with ``TimeoutError`` once it passes. One timer
         serves every request (a per-call ``asyncio.timeout`` costs a timer-heap push and
         cancel per decision: ~7% of the agent's CPU under load). Requests are swept in
         order, so mixing very different timeouts on one connection may let a short one
-        expire late; the agent uses one value.
+        expire late; the agent uses one value. ``key`` routes a command on a Cluster
+        (:class:`agent.cluster.ClusterPipe`); one connection ignores it.
         """
         if not self.connected:
             return self._failed(RedisConnectionError("not connected to Redis"))

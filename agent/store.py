@@ -32,15 +32,15 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from agent.cluster import ClusterPipe
 from agent.config import Config
 from agent.endpoint import RedisEndpoint
 from agent.model import DEFAULT_BUCKETS, LAYOUT_VERSION, SCRIPT_HOWS, How, Keys, lua_prelude
-from agent.redis_pipe import NoScriptError, PipelinedRedis
+from agent.redis_pipe import NoScriptError
 from agent.rules import NodeOverrides, parse_overrides
 
 __all__ = ["Layout", "RedisStore", "Script", "StoreDecision", "load_script"]
@@ -93,6 +93,10 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+#: DEL + HSET as one step on one key (a MULTI on one key is not portable to every Cluster client).
+REPLACE_HASH = "redis.call('DEL', KEYS[1]) if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end return 1"
+
+
 def refresh_step(ttl: int) -> int:
     """A hit rewrites its record only when the expiry would move by this much (1/24 of the TTL):
     most reconnects then cost a read, and a record still lives at least 23/24 of its TTL
@@ -129,7 +133,7 @@ class RedisStore:
         # BlockingConnectionPool: the plain pool raises MaxConnectionsError past its size under
         # load; here excess callers queue (bounded by the caller's timeout). No retries: a
         # retry would only spend the caller's budget; the engine falls back.
-        self._pool = endpoint.async_pool(
+        self._redis: Any = endpoint.async_client(
             max_connections=pool_size,
             timeout=sock_timeout,
             socket_timeout=sock_timeout,
@@ -138,13 +142,12 @@ class RedisStore:
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
         )
-        self._redis = Redis(connection_pool=self._pool)
         self.decide_script = Script("decide.lua")
         self.claim_script = Script("claim.lua")
         self.sweep_script = Script("sweep.lua")
         # Decisions (the per-CONNECT hot path) go over one pipelined connection instead of
         # the pool: about 2x the throughput at concurrency 64, and no pool to starve.
-        self._pipe = PipelinedRedis(endpoint.pipe_target(), connect_timeout=connect_timeout)
+        self._pipe: Any = endpoint.decision_connection(connect_timeout=connect_timeout)
         # A FIFO gate in front of the pool: redis-py's BlockingConnectionPool waits on an
         # asyncio.Condition, which is unfair: a task that just released a connection takes it
         # straight back, and under a sustained burst the woken waiters starve past their
@@ -166,7 +169,7 @@ class RedisStore:
         return self.keys.buckets
 
     @property
-    def redis(self) -> Redis:
+    def redis(self) -> Any:
         """The redis-py client on the same endpoint (background work, tests)."""
         return self._redis
 
@@ -251,13 +254,13 @@ class RedisStore:
         return StoreDecision(node or None, How(how), previous or None, pin_ignored or None)
 
     async def _eval(self, script: Script, keys: list[bytes], args: list[Any], left: Any) -> Any:
-        pipe = self._pipe
+        pipe, key = self._pipe, keys[0]  # every key of one call shares a slot: the first routes it
         try:
-            return await pipe.execute("EVALSHA", script.sha, len(keys), *keys, *args, timeout=left())
+            return await pipe.execute("EVALSHA", script.sha, len(keys), *keys, *args, key=key, timeout=left())
         except NoScriptError:
-            # Redis restarted or SCRIPT FLUSH: load it again, once.
-            await pipe.execute("SCRIPT", "LOAD", script.source, timeout=left())
-            return await pipe.execute("EVALSHA", script.sha, len(keys), *keys, *args, timeout=left())
+            # Redis restarted or SCRIPT FLUSH (on a Cluster: this primary): load it again, once.
+            await pipe.execute("SCRIPT", "LOAD", script.source, key=key, timeout=left())
+            return await pipe.execute("EVALSHA", script.sha, len(keys), *keys, *args, key=key, timeout=left())
 
     # -- background ------------------------------------------------------------------------
 
@@ -311,24 +314,25 @@ class RedisStore:
 
     async def publish_sessions(self, counts: Mapping[str, int], pins: int, at: float) -> None:
         """Replace ``P sessions`` with one sweep's totals (one key, one transaction)."""
-        fields: dict[Any, Any] = {**counts, "_pins": pins, "_at": int(at)}
-        async with self._gate, self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.sessions)
-            pipe.hset(self.keys.sessions, mapping=fields)
-            await pipe.execute()
+        flat: list[Any] = [x for kv in {**counts, "_pins": pins, "_at": int(at)}.items() for x in kv]
+        async with self._gate:
+            await self._redis.eval(REPLACE_HASH, 1, self.keys.sessions, *flat)
 
     async def ping(self) -> None:
         """Raises unless Redis answers; also reconnects the decision connection, makes sure
         the scripts are loaded after a restart and reads the layout."""
-        await self._pipe.connect()
-        # Over the decision connection itself: a stalled one fails here and is replaced.
         budget = max(self._timeout * 4, 0.25)
-        await self._pipe.execute("PING", timeout=budget)
-        scripts = (self.decide_script, self.claim_script)
-        loaded = await self._pipe.execute("SCRIPT", "EXISTS", *(s.sha for s in scripts), timeout=budget)
-        for script, present in zip(scripts, loaded):
-            if not present:
-                await self._pipe.execute("SCRIPT", "LOAD", script.source, timeout=budget)
+        if isinstance(self._pipe, ClusterPipe):
+            await self._pipe.ping(budget)  # every primary; scripts load per primary on NOSCRIPT
+        else:
+            await self._pipe.connect()
+            # Over the decision connection itself: a stalled one fails here and is replaced.
+            await self._pipe.execute("PING", timeout=budget)
+            scripts = (self.decide_script, self.claim_script)
+            loaded = await self._pipe.execute("SCRIPT", "EXISTS", *(s.sha for s in scripts), timeout=budget)
+            for script, present in zip(scripts, loaded):
+                if not present:
+                    await self._pipe.execute("SCRIPT", "LOAD", script.source, timeout=budget)
         await self.load_layout()
 
     async def reset_connections(self) -> None:
@@ -337,11 +341,13 @@ class RedisStore:
         Connections in use are left alone; if they are dead too, their command fails and
         redis-py disconnects them.
         """
-        await self._pool.disconnect(inuse_connections=False)
+        pool = getattr(self._redis, "connection_pool", None)
+        if pool is not None:  # a Cluster client manages its nodes' connections itself
+            await pool.disconnect(inuse_connections=False)
 
     async def close(self) -> None:
         await self._pipe.close()
-        await self._redis.aclose(close_connection_pool=True)
+        await self._redis.aclose()
 
 
 def parse_layout(raw: Mapping[Any, Any]) -> Layout:

@@ -30,10 +30,10 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import placement  # noqa: E402
-from agent.model import DEFAULT_PREFIX, Keys  # noqa: E402
-from agent.store import load_script, refresh_step  # noqa: E402
-from devstack import RedisServer  # noqa: E402
+from agent import placement
+from agent.model import DEFAULT_PREFIX, Keys
+from agent.store import load_script, refresh_step
+from devstack import RedisServer
 
 NODES = ("node1", "node2", "node3")
 TTL = 86400

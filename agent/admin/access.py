@@ -21,7 +21,7 @@ from redis.retry import Retry
 from agent.endpoint import RedisEndpoint
 from agent.model import LAYOUT_VERSION, NEVER, Keys, NodeState, OwnerRecord, PinRecord
 from agent.rules import NodeOverrides, parse_overrides, parse_state
-from agent.store import Layout, load_script, parse_layout, parse_sessions
+from agent.store import REPLACE_HASH, Layout, load_script, parse_layout, parse_sessions
 
 __all__ = ["REDIS_TIMEOUT", "ClientRecord", "Migrated", "RedisAccess", "Totals"]
 
@@ -30,6 +30,10 @@ __all__ = ["REDIS_TIMEOUT", "ClientRecord", "Migrated", "RedisAccess", "Totals"]
 REDIS_TIMEOUT = 2.0
 _SCAN_COUNT = 1000
 _SWEEP_BATCH = 512
+#: HGET + HSET as one step on one key (a MULTI on one key is not portable to every Cluster client).
+_GETSET_FIELD = (
+    "local old = redis.call('HGET', KEYS[1], ARGV[1]) redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return old"
+)
 
 
 def _text(value: Any) -> str:
@@ -204,11 +208,8 @@ class RedisAccess:
                 for j in range(1, len(reply), 2):
                     node = _text(reply[j])
                     counts[node] = counts.get(node, 0) + int(reply[j + 1])
-        fields: dict[Any, Any] = {**counts, "_pins": pins, "_at": now}
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(keys.sessions)
-        pipe.hset(keys.sessions, mapping=fields)
-        pipe.execute()
+        flat = [x for kv in {**counts, "_pins": pins, "_at": now}.items() for x in kv]
+        self.client.eval(REPLACE_HASH, 1, keys.sessions, *flat)
         return Totals(counts, pins, float(now))
 
     # -- writes --------------------------------------------------------------------------
@@ -228,10 +229,7 @@ class RedisAccess:
 
     def set_state(self, node: str, state: NodeState) -> NodeState:
         """Set the node's state; the state it had (what the agents read: invalid = active)."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hget(self.keys.node_state, node)
-        pipe.hset(self.keys.node_state, node, state.value)
-        old, _ = pipe.execute()
+        old = self.client.eval(_GETSET_FIELD, 1, self.keys.node_state, node, state.value)
         return (parse_state(old) if old is not None else None) or NodeState.ACTIVE
 
     def set_evacuate_rate(self, node: str, rate: int | None) -> None:
