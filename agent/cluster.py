@@ -77,7 +77,7 @@ class ClusterPipe:
         """Every slot has a primary and every primary a ready connection."""
         if any(a is None for a in self._slots):
             return False
-        return all(self._pipes[a].connected for a in self.primaries)
+        return all(self._pipe(a).connected for a in self.primaries)
 
     def _pipe(self, addr: Address) -> PipelinedRedis:
         pipe = self._pipes.get(addr)

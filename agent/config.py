@@ -103,6 +103,12 @@ class Config:
     #: is down, before it is moved to another broker and starts a new session there. 0 = move
     #: at once.
     owner_down_grace: float = 30.0
+    #: Placements wait for this many replicas (WAIT) before the ACK; 0 = no wait. See README.
+    redis_wait_replicas: int = 0
+    #: How long a placement waits for its replicas (seconds); past it the ACK goes out anyway.
+    redis_wait_timeout: float = 0.1
+    #: Seconds of recent placements each agent keeps to write back after a Redis failover.
+    failover_journal: float = 30.0
     #: Seconds between record sweeps (expired records out, sessions per node counted); one
     #: agent sweeps at a time.
     sweep_interval: float = 300.0
@@ -157,6 +163,9 @@ _TOP_KEYS = frozenset(
         "max_connections",
         "owner_down_grace",
         "sweep_interval",
+        "redis_wait_replicas",
+        "redis_wait_timeout",
+        "failover_journal",
         "health",
         "log_level",
         "log_format",
@@ -385,12 +394,17 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         "max_in_flight": (1, 1024),
         "max_frame_size": (256, 16_777_216),
         "max_connections": (1, 1_000_000),
+        "redis_wait_replicas": (0, 16),
     }
     for key, (lo, hi) in int_fields.items():
         if key in data:
             kw[key] = _get_int(data[key], key, lo, hi)
     if "redis_timeout" in data:
         kw["redis_timeout"] = _get_number(data["redis_timeout"], "redis_timeout", 0.0, 10.0, lo_open=True)
+    if "redis_wait_timeout" in data:
+        kw["redis_wait_timeout"] = _get_number(data["redis_wait_timeout"], "redis_wait_timeout", 0.001, 10.0)
+    if "failover_journal" in data:
+        kw["failover_journal"] = _get_number(data["failover_journal"], "failover_journal", 0.0, 3600.0)
     if "sweep_interval" in data:
         kw["sweep_interval"] = _get_number(data["sweep_interval"], "sweep_interval", 1.0, 86400.0)
     if "owner_down_grace" in data:

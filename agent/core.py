@@ -5,6 +5,7 @@ One place builds them, so the agent (``agent.app``) and the tests run the same w
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -48,7 +49,13 @@ class Core:
         return cls(store, breaker, refresher, engine, sweeper)
 
     async def start(self) -> None:
-        """Load the overrides once (a dead Redis only opens the breaker), then keep them fresh."""
+        """Connect and learn who serves (so that a later failover is noticed), load the
+        overrides once (a dead Redis only opens the breaker), then keep them fresh."""
+        try:
+            async with asyncio.timeout(background_timeout(self.engine.config)):
+                await self.store.ping()
+        except Exception as exc:
+            self.breaker.failure(exc, "start")
         await self.refresher.start()
         await self.sweeper.start()
 

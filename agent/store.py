@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -38,12 +41,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from agent.cluster import ClusterPipe
 from agent.config import Config
-from agent.endpoint import RedisEndpoint
-from agent.model import DEFAULT_BUCKETS, LAYOUT_VERSION, SCRIPT_HOWS, How, Keys, lua_prelude
+from agent.endpoint import Kind, RedisEndpoint
+from agent.logs import warn_limited
+from agent.model import DEFAULT_BUCKETS, LAYOUT_VERSION, NEVER, SCRIPT_HOWS, How, Keys, OwnerRecord, lua_prelude
 from agent.redis_pipe import NoScriptError
 from agent.rules import NodeOverrides, parse_overrides
 
-__all__ = ["Layout", "RedisStore", "Script", "StoreDecision", "load_script"]
+__all__ = ["Journal", "Layout", "RedisStore", "Script", "StoreDecision", "load_script"]
+
+log = logging.getLogger("mqtt_affinity.redis")
 
 
 #: Lua files each script needs before its own text (after the vocabulary prelude).
@@ -97,6 +103,44 @@ def _text(value: Any) -> str:
 REPLACE_HASH = "redis.call('DEL', KEYS[1]) if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end return 1"
 
 
+class Journal:
+    """The placements this agent wrote in the last ``seconds`` (and at most ``limit`` of them).
+
+    Why: Redis replicates asynchronously, so a failover can lose writes the old primary had
+    acknowledged. A lost *assigned* record costs nothing (the HRW candidate is deterministic
+    and re-derives the same node), but a lost move (evacuation, a dead owner) or pin would
+    send the client back where its session no longer is. After a failover every agent writes
+    back its recent placements (``restore.lua``: unless a newer one is there), before its
+    decisions use Redis again.
+    """
+
+    def __init__(self, seconds: float, limit: int = 100_000) -> None:
+        self.seconds = seconds
+        self._entries: deque[tuple[float, bytes, bytes, bytes]] = deque(maxlen=limit)
+
+    def add(self, cid: bytes, key: bytes, record: bytes) -> None:
+        if self.seconds > 0:
+            self._entries.append((time.monotonic(), cid, key, record))
+
+    def entries(self) -> list[tuple[bytes, bytes, bytes]]:
+        """(cid, key, record) of the last placement of each client still in the window."""
+        horizon = time.monotonic() - self.seconds
+        while self._entries and self._entries[0][0] < horizon:
+            self._entries.popleft()
+        latest = {cid: (cid, key, record) for _, cid, key, record in self._entries}
+        return list(latest.values())
+
+    def __len__(self) -> int:
+        return len(self.entries())
+
+
+def _field(info: str, name: str) -> str:
+    for line in info.splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
 def refresh_step(ttl: int) -> int:
     """A hit rewrites its record only when the expiry would move by this much (1/24 of the TTL):
     most reconnects then cost a read, and a record still lives at least 23/24 of its TTL
@@ -117,6 +161,9 @@ class RedisStore:
         health_check_interval: int = 5,
         connect_timeout: float | None = None,
         buckets: int = DEFAULT_BUCKETS,
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.1,
+        journal_seconds: float = 30.0,
     ) -> None:
         if isinstance(endpoint, str):
             endpoint = RedisEndpoint.parse(endpoint)
@@ -126,6 +173,16 @@ class RedisStore:
         self.keys = Keys(key_prefix, buckets)
         self.layout: Layout | None = None
         self._timeout = timeout
+        self._wait_replicas = wait_replicas
+        self._wait_timeout = wait_timeout
+        #: Placements that reached fewer replicas than asked within the WAIT timeout.
+        self.wait_short = 0
+        #: Recent placements, written back after a failover (see :class:`Journal`).
+        self.journal = Journal(journal_seconds)
+        #: Who served the decisions last: a change means a failover or a restart.
+        self._identity: object = None
+        #: Placements written back by the journal (for tests and metrics).
+        self.restored = 0
         # Socket timeouts are a floor above the per-call budget: the caller's timeout is the
         # real limit, these only stop a wedged socket from living forever.
         sock_timeout = max(timeout * 4, 0.25)
@@ -145,6 +202,7 @@ class RedisStore:
         self.decide_script = Script("decide.lua")
         self.claim_script = Script("claim.lua")
         self.sweep_script = Script("sweep.lua")
+        self.restore_script = Script("restore.lua")
         # Decisions (the per-CONNECT hot path) go over one pipelined connection instead of
         # the pool: about 2x the throughput at concurrency 64, and no pool to starve.
         self._pipe: Any = endpoint.decision_connection(connect_timeout=connect_timeout)
@@ -162,6 +220,9 @@ class RedisStore:
             key_prefix=config.key_prefix,
             timeout=config.redis_timeout,
             pool_size=config.redis_pool_size,
+            wait_replicas=config.redis_wait_replicas,
+            wait_timeout=config.redis_wait_timeout,
+            journal_seconds=config.failover_journal,
         )
 
     @property
@@ -184,6 +245,9 @@ class RedisStore:
                 await self._redis.hsetnx(self.keys.layout, "buckets", self._new_buckets)
                 raw = await self._redis.hgetall(self.keys.layout)
         layout = parse_layout(raw)
+        if self.endpoint.kind is Kind.CLUSTER:
+            # Version 1 never ran on a Cluster (its script was not single-slot): nothing to read through.
+            layout = Layout(layout.version, layout.buckets, v1=False)
         if layout.version > LAYOUT_VERSION:
             raise RuntimeError(f"Redis holds layout version {layout.version}; this agent knows {LAYOUT_VERSION}")
         if self.layout is None or layout.buckets != self.layout.buckets:
@@ -251,7 +315,22 @@ class RedisStore:
                 node, how, previous, pin_ignored, flag = (_text(x) for x in raw)
         if how not in SCRIPT_HOWS:
             raise ValueError(f"decide.lua returned unknown how {how!r}")
+        if flag == "w" and node:
+            record = OwnerRecord(node, int(tail[3]) + ttl if ttl else NEVER, int(tail[3]), by[:32]).encode()
+            self.journal.add(cid, owners, record)
+            if self._wait_replicas:
+                await self._wait(owners, left)
         return StoreDecision(node or None, How(how), previous or None, pin_ignored or None)
+
+    async def _wait(self, key: bytes, left: Any) -> None:
+        """WAIT for the replicas to have this placement (and every earlier write on this connection)."""
+        budget = left()
+        ms = int(self._wait_timeout * 1000) if budget is None else max(1, int(min(self._wait_timeout, budget) * 1000))
+        acked = int(await self._pipe.execute("WAIT", self._wait_replicas, ms, key=key, timeout=left()))
+        if acked < self._wait_replicas:
+            self.wait_short += 1
+            warn_limited(log, "wait-short", "a placement reached %d of %d replicas within %d ms (answered anyway)",
+                         acked, self._wait_replicas, ms)
 
     async def _eval(self, script: Script, keys: list[bytes], args: list[Any], left: Any) -> Any:
         pipe, key = self._pipe, keys[0]  # every key of one call shares a slot: the first routes it
@@ -324,6 +403,7 @@ class RedisStore:
         budget = max(self._timeout * 4, 0.25)
         if isinstance(self._pipe, ClusterPipe):
             await self._pipe.ping(budget)  # every primary; scripts load per primary on NOSCRIPT
+            identity: object = frozenset(self._pipe.primaries)
         else:
             await self._pipe.connect()
             # Over the decision connection itself: a stalled one fails here and is replaced.
@@ -333,7 +413,23 @@ class RedisStore:
             for script, present in zip(scripts, loaded):
                 if not present:
                     await self._pipe.execute("SCRIPT", "LOAD", script.source, timeout=budget)
+            info = _text(await self._pipe.execute("INFO", "server", timeout=budget))
+            identity = (self._pipe.address, _field(info, "run_id"))
         await self.load_layout()
+        if self._identity is not None and identity != self._identity:
+            # Another primary (a failover) or a restarted Redis: the last acknowledged writes
+            # may be gone. Put ours back before decisions use Redis again.
+            log.warning("redis changed under us (failover or restart): writing back %d recent placements",
+                        len(self.journal))
+            self.restored += await self.replay(budget)
+        self._identity = identity
+
+    async def replay(self, timeout: float) -> int:
+        """Write back the journal's placements (newer records win); how many were put back."""
+        restored = 0
+        for cid, key, record in self.journal.entries():
+            restored += int(await self._eval(self.restore_script, [key], [cid, record], lambda: timeout))
+        return restored
 
     async def reset_connections(self) -> None:
         """Close the idle pooled connections: after an outage they are dead sockets.

@@ -41,13 +41,14 @@ from devstack.procs import (
     stop_all,
     wait_until,
 )
-from devstack.redis_server import RedisServer
+from devstack.redis_server import RedisClusterGroup, RedisServer, SentinelGroup
 from devstack.stack import NODES, PREFIX, Balancer, Stack
 
 __all__ = [
     "AGENT_DEFAULTS", "AgentProcess", "Balancer", "DISCONNECT", "DevstackError", "HAPROXY_CFG", "HAPROXY_CFG_DIR",
     "HAPROXY_VERSIONS", "HAProxy", "ManagedProcess", "Mosquitto", "NATIVE_STICK_CFG", "NODES", "PREFIX",
-    "ProcessFailed", "REPO_ROOT", "RedisServer", "SPOE_CONF", "Stack", "ToolMissing", "agent_command",
+    "ProcessFailed", "REPO_ROOT", "RedisClusterGroup", "RedisServer", "SPOE_CONF",
+    "SentinelGroup", "Stack", "ToolMissing", "agent_command",
     "connect_all_at_once", "connect_packet", "find_haproxy", "free_port", "haproxy_binary", "haproxy_env",
     "haproxy_version_of", "mqtt_connect", "parse_log_line", "port_open", "raw_connect", "read_packet",
     "require_binary", "stop_all", "wait_until", "write_agent_config",

@@ -19,6 +19,7 @@ from agent.model import NEVER, Keys, OwnerRecord, PinRecord
 from agent.rules import NodeOverrides, parse_overrides
 from agent.store import RedisStore, StoreDecision, refresh_step
 from agent.sweeper import Sweeper
+from devstack import records as records_mod
 
 P = "mqtt-affinity:"
 NOW = 1_700_000_000
@@ -492,6 +493,42 @@ def test_errors_propagate_from_store() -> None:
                 await decide(s, b"c1")  # layout unknown: no decision without Redis
             with pytest.raises(redis.exceptions.ConnectionError):
                 await s.ping()
+        finally:
+            await s.close()
+
+    asyncio.run(go())
+
+
+def test_a_restarted_redis_gets_the_recent_placements_back(redis_server: Any) -> None:
+    """What a failover can lose (the last acknowledged writes), each agent writes back from its
+    journal before its decisions use Redis again; a newer placement made meanwhile wins."""
+    url = redis_server.url
+    now = int(time.time())
+
+    async def go() -> None:
+        s = RedisStore(url, timeout=2.0, pool_size=2)
+        try:
+            await s.ping()
+            await decide(s, b"moved-client", "n1", now=now)
+            await decide(s, b"moved-client", "n2", usable=("n2", "n3"), now=now + 1)  # its owner died: moved
+            await decide(s, b"newer-elsewhere", "n1", now=now)
+            assert len(s.journal) == 2  # the last placement of each client
+            redis_server.kill()  # lost everything (no persistence): like a failover to an empty replica
+            redis_server.start()
+            r = redis.Redis.from_url(url)
+            # Meanwhile another agent placed one of them anew, later: that one must stay.
+            records_mod.write_owner(r, b"newer-elsewhere", "n3", placed_at=now + 100)
+            for _ in range(50):  # what the breaker's probe does before decisions use Redis again
+                try:
+                    await s.ping()
+                    break
+                except redis.exceptions.ConnectionError:  # the old connection, dead
+                    await asyncio.sleep(0.1)
+            assert s.restored == 1
+            assert owner(r, b"moved-client") == OwnerRecord("n2", now + 1 + 100, now + 1, "ha1")
+            assert owner(r, b"newer-elsewhere").node == "n3"  # type: ignore[union-attr]
+            assert await decide(s, b"moved-client", "n1", now=now + 2) == StoreDecision("n2", "hit")
+            r.close()
         finally:
             await s.close()
 

@@ -21,9 +21,10 @@
 -- then     m = number of evacuating nodes, then m names
 -- then     k = number of nodes in restart grace (down for less than owner_down_grace), then k names
 --
--- Returns {node, how, previous, pin_ignored, flag}; "" stands for none. flag "e": the owner is
--- evacuating and the client would move to the candidate: the agent claims one move from the
--- shared budget (claim.lua) and, if granted, asks again with the token in ARGV[7].
+-- Returns {node, how, previous, pin_ignored, flag}; "" stands for none. flag "w": a placement
+-- was written. flag "e": the owner is evacuating and the client would move to the candidate:
+-- the agent claims one move from the shared budget (claim.lua) and, if granted, asks again
+-- with the token in ARGV[7].
 -- how: HOW_HIT | HOW_ASSIGNED | HOW_MOVED | HOW_PINNED | HOW_NONE | HOW_WAIT
 --
 -- HOW_*, SEP and NEVER come from the prelude agent/model.py puts before this file (one
@@ -79,8 +80,13 @@ if rec then
   if not live(owner_exp) then owner = '' end
 end
 
+-- The last element of every answer: 'w' once a placement was written (the agent keeps it in
+-- its failover journal, and waits for replicas when asked to), 'e' for an evacuation candidate.
+local flag = ''
+
 local function place(node)
   redis.call('HSET', owners, cid, node .. SEP .. expiry .. SEP .. now .. SEP .. by)
+  flag = 'w'
 end
 
 -- A hit keeps placed_at and by; it rewrites the record only when the expiry would move by
@@ -109,7 +115,7 @@ if prec then
       end
       local prev = ''
       if owner ~= pin then prev = owner end
-      return {pin, HOW_PINNED, prev, '', ''}
+      return {pin, HOW_PINNED, prev, '', flag}
     end
     pin_ignored = pin
   end
@@ -121,37 +127,37 @@ if owner ~= '' then
     if evac[owner] and cand ~= '' and cand ~= owner then
       if not persistent then
         -- No session to carry over: a clean client simply leaves, without using the budget.
-        return {cand, HOW_MOVED, owner, pin_ignored, ''}
+        return {cand, HOW_MOVED, owner, pin_ignored, flag}
       end
       if token == owner then
         place(cand)
-        return {cand, HOW_MOVED, owner, pin_ignored, ''}
+        return {cand, HOW_MOVED, owner, pin_ignored, flag}
       end
       refresh()
       return {owner, HOW_HIT, '', pin_ignored, 'e'}
     end
     if persistent then refresh() end
-    return {owner, HOW_HIT, '', pin_ignored, ''}
+    return {owner, HOW_HIT, '', pin_ignored, flag}
   end
   -- Owner is down, in maintenance or no longer configured.
   if persistent and grace[owner] then
     -- Down for less than the grace: moving would start an empty session elsewhere and
     -- strand the one on the owner. The client retries and comes back when it is up.
-    return {'', HOW_WAIT, owner, pin_ignored, ''}
+    return {'', HOW_WAIT, owner, pin_ignored, flag}
   end
   if cand ~= '' and cand ~= owner then
     if persistent then place(cand) end
-    return {cand, HOW_MOVED, owner, pin_ignored, ''}
+    return {cand, HOW_MOVED, owner, pin_ignored, flag}
   end
-  return {'', HOW_NONE, owner, pin_ignored, ''}
+  return {'', HOW_NONE, owner, pin_ignored, flag}
 end
 
 -- 3. No record (or an expired one).
 if cand == '' then
-  return {'', HOW_NONE, '', pin_ignored, ''}
+  return {'', HOW_NONE, '', pin_ignored, flag}
 end
 if persistent then
   place(cand)
-  return {cand, HOW_ASSIGNED, '', pin_ignored, ''}
+  return {cand, HOW_ASSIGNED, '', pin_ignored, flag}
 end
-return {cand, HOW_NONE, '', pin_ignored, ''}
+return {cand, HOW_NONE, '', pin_ignored, flag}
