@@ -382,7 +382,9 @@ class RedisStore:
         pins = 0
         async with self._gate, self._redis.pipeline(transaction=False) as pipe:
             for b in buckets:
-                pipe.evalsha(self.sweep_script.sha, 2, keys.owners(b), keys.pins(b), int(now))
+                # execute_command, not .evalsha: redis-py's cluster pipeline refuses the method
+                # (a script may be missing on some node); prepare_sweep loaded it on every primary.
+                pipe.execute_command("EVALSHA", self.sweep_script.sha, 2, keys.owners(b), keys.pins(b), int(now))
             replies = await pipe.execute()
         for reply in replies:
             pins += int(reply[0])

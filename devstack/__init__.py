@@ -28,7 +28,15 @@ from devstack.haproxy import (
     parse_log_line,
 )
 from devstack.mosquitto import Mosquitto
-from devstack.mqtt import DISCONNECT, connect_all_at_once, connect_packet, mqtt_connect, raw_connect, read_packet
+from devstack.mqtt import (
+    DISCONNECT,
+    connect_all_at_once,
+    connect_many,
+    connect_packet,
+    mqtt_connect,
+    raw_connect,
+    read_packet,
+)
 from devstack.procs import (
     REPO_ROOT,
     DevstackError,
@@ -49,7 +57,8 @@ __all__ = [
     "HAPROXY_VERSIONS", "HAProxy", "ManagedProcess", "Mosquitto", "NATIVE_STICK_CFG", "NODES", "PREFIX",
     "ProcessFailed", "REPO_ROOT", "RedisClusterGroup", "RedisServer", "SPOE_CONF",
     "SentinelGroup", "Stack", "ToolMissing", "agent_command",
-    "connect_all_at_once", "connect_packet", "find_haproxy", "free_port", "haproxy_binary", "haproxy_env",
+    "connect_all_at_once", "connect_many", "connect_packet", "find_haproxy", "free_port", "haproxy_binary",
+    "haproxy_env",
     "haproxy_version_of", "mqtt_connect", "parse_log_line", "port_open", "raw_connect", "read_packet",
     "require_binary", "stop_all", "wait_until", "write_agent_config",
 ]  # fmt: skip

@@ -124,3 +124,26 @@ async def connect_all_at_once(targets: list[tuple[int, bytes]], **kw: object) ->
             writer.close()
 
     return list(await asyncio.gather(*(one(p, c) for p, c in targets)))
+
+
+async def connect_many(port: int, ids: list[bytes], *, concurrency: int = 64, **kw: object) -> list[int | None]:
+    """CONNECT -> CONNACK -> DISCONNECT for every id through ``port``, ``concurrency`` at a time
+    (a window that refills as each finishes); the CONNACK codes, in the order of ``ids``."""
+    sem = asyncio.Semaphore(concurrency)
+    out: list[int | None] = [None] * len(ids)
+
+    async def one(i: int, cid: bytes) -> None:
+        async with sem:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(connect_packet(cid, **kw))  # type: ignore[arg-type]
+                head = await asyncio.wait_for(reader.readexactly(4), 20)
+                out[i] = head[3]
+                writer.write(DISCONNECT)
+            except asyncio.IncompleteReadError:
+                out[i] = None
+            finally:
+                writer.close()
+
+    await asyncio.gather(*(one(i, c) for i, c in enumerate(ids)))
+    return out

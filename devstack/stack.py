@@ -26,6 +26,7 @@ from pathlib import Path
 
 import redis as redis_py
 
+from agent.endpoint import RedisEndpoint
 from devstack import records
 from devstack.agents import AgentProcess, write_agent_config
 from devstack.haproxy import HAPROXY_CFG, HAProxy, haproxy_env
@@ -268,10 +269,12 @@ class Stack:
 
     @property
     def r(self) -> redis_py.Redis:
-        """A new synchronous Redis client (use it in ``with`` to close it)."""
+        """A new synchronous Redis client (use it in ``with`` to close it): the agents' own
+        client for their URL, so a Sentinel or Cluster URL works too."""
         if self._redis_client is not None:
             return self._redis_client()
-        return redis_py.Redis.from_url(self.redis_url, socket_timeout=2)
+        client: redis_py.Redis = RedisEndpoint.parse(self.redis_url).sync_client(socket_timeout=2)
+        return client
 
     def owner(self, cid: bytes | str) -> str | None:
         """The node the Redis record of ``cid`` names, or None."""

@@ -202,7 +202,8 @@ class RedisAccess:
         for start in range(0, keys.buckets, _SWEEP_BATCH):
             pipe = self.client.pipeline(transaction=False)
             for b in range(start, min(start + _SWEEP_BATCH, keys.buckets)):
-                pipe.evalsha(sha, 2, keys.owners(b), keys.pins(b), now)
+                # execute_command: redis-py's cluster pipeline refuses .evalsha; the script is on every primary.
+                pipe.execute_command("EVALSHA", sha, 2, keys.owners(b), keys.pins(b), now)
             for reply in pipe.execute():
                 pins += int(reply[0])
                 for j in range(1, len(reply), 2):
