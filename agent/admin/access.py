@@ -203,7 +203,7 @@ class RedisAccess:
             pipe = self.client.pipeline(transaction=False)
             for b in range(start, min(start + _SWEEP_BATCH, keys.buckets)):
                 # execute_command: redis-py's cluster pipeline refuses .evalsha; the script is on every primary.
-                pipe.execute_command("EVALSHA", sha, 2, keys.owners(b), keys.pins(b), now)
+                pipe.execute_command("EVALSHA", sha, 2, keys.owners(b), keys.pins(b), now)  # type: ignore[no-untyped-call]
             for reply in pipe.execute():
                 pins += int(reply[0])
                 for j in range(1, len(reply), 2):
