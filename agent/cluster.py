@@ -63,21 +63,22 @@ class ClusterPipe:
         self._endpoint = endpoint
         self._connect_timeout = connect_timeout
         self._slots: list[Address | None] = [None] * SLOTS
+        #: The primaries serving every slot (None until the map is complete).
+        self._primaries: frozenset[Address] | None = None
         self._pipes: dict[Address, PipelinedRedis] = {}
         self._refreshing: asyncio.Task[None] | None = None
 
     # -- state -------------------------------------------------------------------------------
 
     @property
-    def primaries(self) -> set[Address]:
-        return {a for a in self._slots if a is not None}
+    def primaries(self) -> frozenset[Address]:
+        return self._primaries or frozenset()
 
     @property
     def connected(self) -> bool:
-        """Every slot has a primary and every primary a ready connection."""
-        if any(a is None for a in self._slots):
-            return False
-        return all(self._pipe(a).connected for a in self.primaries)
+        """Every slot has a primary and every primary a ready connection (checked per decision: cheap)."""
+        primaries = self._primaries
+        return primaries is not None and all(self._pipe(a).connected for a in primaries)
 
     def _pipe(self, addr: Address) -> PipelinedRedis:
         pipe = self._pipes.get(addr)
@@ -109,7 +110,7 @@ class ClusterPipe:
                 errors.append(f"{addr[0]}:{addr[1]}: not every slot is served")
                 continue
             self._slots = slots
-            primaries = self.primaries
+            primaries = self._primaries = frozenset(a for a in slots if a is not None)
             for old in [a for a in self._pipes if a not in primaries and a not in self._endpoint.hosts]:
                 await self._pipes.pop(old).close()
             return
@@ -164,6 +165,8 @@ class ClusterPipe:
                 if word == "MOVED":
                     moved_slot, target = rest.split()
                     addr = self._slots[int(moved_slot)] = _address(target)
+                    if self._primaries is not None and addr not in self._primaries:
+                        self._primaries = self._primaries | {addr}
                     self._refresh_soon()
                     continue
                 if word == "ASK":
