@@ -173,6 +173,22 @@ class Mix:
 
 # --------------------------------------------------------------------------- the generator
 
+_SMALL = tuple(bytes((i,)) for i in range(240))
+
+
+def _varint(v: int) -> bytes:
+    """encode_varint, with the 1-3 byte cases (stream ids up to ~264,000) inline: it runs per NOTIFY."""
+    if v < 240:
+        return _SMALL[v]
+    v1 = (v - 240) >> 4
+    if v1 < 128:
+        return bytes((240 | (v & 15), v1))
+    v2 = (v1 - 128) >> 7
+    if v2 < 128:
+        return bytes((240 | (v & 15), (v1 | 128) & 255, v2))
+    return encode_varint(v)
+
+
 
 @dataclass
 class Stats:
@@ -200,6 +216,7 @@ class Conn(asyncio.Protocol):
         self.buf = bytearray()
         self.sent_at: dict[int, float] = {}
         self.next_sid = 1
+        self.heads: dict[int, bytes] = {}
         self.stats: Stats | None = None
         self.window = 0  # closed loop: refill up to this many in flight on every read; 0 = open loop
         self.stop_refill = math.inf
@@ -223,19 +240,21 @@ class Conn(asyncio.Protocol):
         self.idle.set()
 
     def frames(self, n: int, now: float) -> bytes:
-        out = []
+        out: list[bytes] = []
         next_payload = self.source
-        for _ in range(n):
-            sid = self.next_sid
-            self.next_sid += 1
+        heads = self.heads
+        sent_at = self.sent_at
+        first = self.next_sid
+        for sid in range(first, first + n):
             payload = next_payload()
-            sidb = encode_varint(sid)
-            out.append(_LEN.pack(len(sidb) + 6 + len(payload)))
-            out.append(_NOTIFY_HEAD)
-            out.append(sidb)
-            out.append(b"\x01")
-            out.append(payload)
-            self.sent_at[sid] = now
+            sidb = _varint(sid)
+            size = len(sidb) + len(payload)
+            head = heads.get(size)
+            if head is None:  # length prefix + type + flags: a handful of sizes (ids have one length)
+                head = heads[size] = _LEN.pack(size + 6) + _NOTIFY_HEAD
+            out += (head, sidb, b"\x01", payload)
+            sent_at[sid] = now
+        self.next_sid = first + n
         return b"".join(out)
 
     def send(self, n: int) -> None:
@@ -251,17 +270,18 @@ class Conn(asyncio.Protocol):
         sent_at = self.sent_at
         while end - pos >= 4:
             n = _LEN.unpack_from(buf, pos)[0]
-            if end - pos - 4 < n:
+            stop = pos + 4 + n
+            if stop > end:
                 break
-            body = bytes(buf[pos + 4:pos + 4 + n])
-            pos += 4 + n
-            if body[0] == _ACK:
-                sid = body[5]
+            b = pos + 4
+            ftype = buf[b]
+            if ftype == _ACK:
+                sid = buf[b + 5]
                 if sid < 240:
-                    off = 6
+                    off = b + 6
                 else:
-                    sid, off = decode_varint(body, 5)
-                off += 1 if body[off] < 240 else decode_varint(body, off)[1] - off
+                    sid, off = decode_varint(buf, b + 5)
+                off = off + 1 if buf[off] < 240 else decode_varint(buf, off)[1]  # frame id
                 t0 = sent_at.pop(sid, None)
                 if t0 is None:
                     raise SystemExit(f"ACK for unknown stream {sid}")
@@ -269,13 +289,14 @@ class Conn(asyncio.Protocol):
                     stats.acked += 1
                     if t0 >= stats.counting_after:
                         stats.latencies.append(now - t0)
-                        stats.payloads[body[off:]] += 1
-            elif body[0] == FrameType.AGENT_HELLO:
+                        stats.payloads[bytes(buf[off:stop])] += 1
+            elif ftype == FrameType.AGENT_HELLO:
                 if not self.hello_done.done():
                     self.hello_done.set_result(None)
             else:
-                frame = decode_frame(_LEN.pack(n) + body)[0]
+                frame = decode_frame(bytes(buf[pos:stop]))[0]
                 raise SystemExit(f"agent sent frame type {frame.type}: {frame.payload[:200]!r}")
+            pos = stop
         del buf[:pos]
         if self.window and now < self.stop_refill:
             self.send(self.window - len(sent_at))
