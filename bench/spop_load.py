@@ -656,7 +656,8 @@ def report(phases: list[Phase], args: argparse.Namespace, mix: Mix, placed: Coun
     out.append("\n(CPU per decision = CPU time of the process from /proc over the timed window / ACKs received in "
                "it; `busy` = share of that CPU in use during the closed loop, all processes. Latency = NOTIFY "
                "written -> ACK read, in the generator. The open-loop row counts its CPU until every NOTIFY was "
-               "answered.)\n")
+               "answered. The C floor costs about a microsecond per decision: its closed-loop rate is the generator's "
+               "ceiling on this machine, and an agent close to it was limited by the generator, not by itself.)\n")
     out.append("ACK mix (node, how) per agent, closed and open loop together, all repeats:\n")
     for kind in kinds:
         total: Counter = Counter()
