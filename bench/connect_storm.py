@@ -478,6 +478,7 @@ class VersionRun:
     unplaced_after_warmup: int = 0
     agent_warnings: Counter = field(default_factory=Counter)
     floor_counters: dict[str, int] = field(default_factory=dict)
+    idle_ms_per_s: dict[str, float] = field(default_factory=dict)  # background CPU with no load, per process
 
 
 def log(msg: str) -> None:
@@ -562,6 +563,14 @@ def run_version(version: str, args: argparse.Namespace, workdir: Path) -> Versio
         log(f"[{version}] warm-up: " + "; ".join(
             f"{p} how={dict(run.warmup[p].how)} err={dict(run.warmup[p].err)} "
             f"{run.warmup[p].good}/{run.warmup[p].logged} good" for p in paths))
+
+        # Background CPU with no load (health checks, the agent's state refresh, Redis's cron):
+        # part of every step's figures, shown apart so a per-CONNECT number can be read.
+        time.sleep(0.5)
+        c0, t0 = stack.cpu(), time.perf_counter()
+        time.sleep(2.0)
+        c1, t1 = stack.cpu(), time.perf_counter()
+        run.idle_ms_per_s = {k: (c1[k] - c0[k]) / (t1 - t0) * 1e3 for k in c0 if k not in ("client", "machine")}
 
         for rep in range(args.repeat):
             for ci, (conc, count) in enumerate(zip(args.concurrency, args.connects)):
@@ -844,6 +853,9 @@ def report(runs: list[VersionRun], args: argparse.Namespace, load_before: str, l
                     pt = f"{fmt(pct(pts, 50), 0)}/{fmt(pct(pts, 99), 0)}" if pts else "-"
                 out.append(f"| {r.version} | {conc} | {PATH_LABEL[p]} | " + " | ".join(cells)
                            + f" | {total} | {dec} | {rtt} | {pt} |")
+    for r in runs:
+        idle = ", ".join(f"{k} {v:.1f}" for k, v in r.idle_ms_per_s.items())
+        out.append(f"\nHAProxy {r.version}, background CPU with no load (2 s after the warm-up), ms per second: {idle}")
     out.append("\n(`its agent` is the process answering SPOE on that path: the C floor, the do-nothing agent or the "
                "real agent. The real agent and Redis run during every step, so their background work (health "
                "probes, state refresh) shows in every row; so do the other HAProxy's health checks, in no row. "
