@@ -377,6 +377,11 @@ class Phase:
     def rate(self) -> float:
         return self.decisions / self.seconds if self.seconds else 0.0
 
+    @property
+    def agent_pct(self) -> float:
+        """The agent process's own CPU, % of one CPU: below its CPU's busy %, others ran there."""
+        return self.agent_cpu / self.seconds * 100 if self.seconds else math.nan
+
     def per_decision_us(self, cpu: float) -> float:
         return cpu / self.decisions * 1e6 if self.decisions else math.nan
 
@@ -591,7 +596,8 @@ def log(msg: str) -> None:
 
 
 def phase_line(p: Phase, agent_cpu: int | None, other: list[int]) -> str:
-    busy = " ".join(f"cpu{c} {v:.0f}%" for c, v in sorted(p.cpu_busy_pct.items()))
+    busy = f"agent process {fmt(p.agent_pct, 0)}%, " + " ".join(
+        f"cpu{c} {v:.0f}%" for c, v in sorted(p.cpu_busy_pct.items()))
     lat = f"p50 {pct(p.latencies, 50) * 1e3:.2f} ms p99 {pct(p.latencies, 99) * 1e3:.2f} ms"
     extra = f" unanswered {p.unanswered}" if p.unanswered else ""
     if p.loop == "open":
@@ -625,7 +631,7 @@ def report(phases: list[Phase], args: argparse.Namespace, mix: Mix, placed: Coun
         out.append(f"- warm-up placement of the {len(mix.pool):,} pool ids: {mix_text(placed)}")
     out.append("")
     out.append("| agent | decisions/s (closed loop) | x floor | p50 / p99 ms at saturation | agent CPU us/decision "
-               "| Redis CPU us/dec | generator CPU us/dec | agent CPU busy | generator CPU busy "
+               "| Redis CPU us/dec | generator CPU us/dec | agent process / its CPU busy | generator's CPU busy "
                f"| at {args.rate:,.0f}/s: p50 / p90 / p99 / max ms | agent CPU us/dec at that rate |")
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     floor_rate = med([p.rate for p in phases if p.kind == "floor" and p.loop == "closed"])
@@ -638,6 +644,7 @@ def report(phases: list[Phase], args: argparse.Namespace, mix: Mix, placed: Coun
         agent_busy = med([p.cpu_busy_pct.get(ac, math.nan) for p in cl]) if ac is not None else math.nan
         other_busy = med([med([p.cpu_busy_pct[c] for c in agents.other_cpus]) for p in cl]) if ac is not None \
             else math.nan
+        agent_pct = med([p.agent_pct for p in cl])
         summary[kind] = {"rate": rate, "agent_busy": agent_busy, "other_busy": other_busy,
                          "agent_us": med([p.per_decision_us(p.agent_cpu) for p in cl])}
         def lat(phs: list[Phase], p: float) -> str:
@@ -650,11 +657,13 @@ def report(phases: list[Phase], args: argparse.Namespace, mix: Mix, placed: Coun
         out.append(
             f"| {LABEL[kind]} | {rate:,.0f} | {fmt(rate / floor_rate) + 'x' if floor_rate > 0 else '-'} | "
             f"{lat(cl, 50)} / {lat(cl, 99)} | {us(cl, 'agent_cpu')} | {us(cl, 'redis_cpu')} | {us(cl, 'gen_cpu')} | "
-            f"{fmt(agent_busy, 0)}% | {fmt(other_busy, 0)}% | "
+            f"{fmt(agent_pct, 0)}% / {fmt(agent_busy, 0)}% | {fmt(other_busy, 0)}% | "
             f"{lat(op, 50)} / {lat(op, 90)} / {lat(op, 99)} / {worst} | "
             f"{us(op, 'agent_cpu')} |")
     out.append("\n(CPU per decision = CPU time of the process from /proc over the timed window / ACKs received in "
-               "it; `busy` = share of that CPU in use during the closed loop, all processes. Latency = NOTIFY "
+               "it; `agent process` = the agent's own CPU time over the window, % of one CPU; `busy` = share of a "
+               "CPU in use during the closed loop, all processes (the agent's CPU busier than the agent process: "
+               "something else ran there). Latency = NOTIFY "
                "written -> ACK read, in the generator. The open-loop row counts its CPU until every NOTIFY was "
                "answered. The C floor costs about a microsecond per decision: its closed-loop rate is the generator's "
                "ceiling on this machine, and an agent close to it was limited by the generator, not by itself.)\n")
