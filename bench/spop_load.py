@@ -372,6 +372,7 @@ class Phase:
     sent: int = 0
     unanswered: int = 0
     over_window: int = 0
+    cpu_seconds: float = math.nan  # wall time the CPU figures cover (open loop: until drained)
 
     @property
     def rate(self) -> float:
@@ -380,7 +381,8 @@ class Phase:
     @property
     def agent_pct(self) -> float:
         """The agent process's own CPU, % of one CPU: below its CPU's busy %, others ran there."""
-        return self.agent_cpu / self.seconds * 100 if self.seconds else math.nan
+        window = self.seconds if math.isnan(self.cpu_seconds) else self.cpu_seconds
+        return self.agent_cpu / window * 100 if window else math.nan
 
     def per_decision_us(self, cpu: float) -> float:
         return cpu / self.decisions * 1e6 if self.decisions else math.nan
@@ -477,10 +479,10 @@ async def open_loop(host: str, port: int, mix: Mix, conns_n: int, window: int, r
     b = probe.sample()  # CPU until everything sent was answered
     close(conns)
     assert a is not None
-    _, agent, redis, gen, busy = delta(a, b)
+    dt, agent, redis, gen, busy = delta(a, b)
     counted = len(stats.latencies)
     return Phase(kind, "open", rep, counted, b_time - a.t, stats.latencies, stats.mix(), agent, redis, gen, busy,
-                 sent=total, unanswered=left, over_window=over_window)
+                 sent=total, unanswered=left, over_window=over_window, cpu_seconds=dt)
 
 
 # --------------------------------------------------------------------------- the agents
