@@ -8,10 +8,12 @@ the product's default background intervals), the C floor (bench/floor_spoa.c, bu
 the same version side by side, sharing the brokers:
 
   * native: haproxy/native-stick.cfg (`stick on mqtt_field_value(connect,client_identifier)`), no agent;
-  * floor:  haproxy/haproxy.cfg, SPOE -> the C floor: `node2`/`hit` for every CONNECT, no Redis;
-  * null:   haproxy/haproxy.cfg, SPOE -> SpopServer + a dispatcher returning the same two set-vars;
+  * floor:  haproxy/haproxy.cfg, SPOE -> the C floor: `hit` and a node by a hash of the client id, no Redis;
+  * null:   haproxy/haproxy.cfg, SPOE -> SpopServer + a dispatcher giving the same answer, no Redis;
   * agent:  haproxy/haproxy.cfg, SPOE -> the real agent -> Redis, `use-server` its answer.
 Every agent address HAProxy is given (SPOA_ADDR, SPOA2_ADDR...) points at the path's one agent.
+The floor and the do-nothing agent spread the clients over the brokers like the other paths do
+(`--spoa-nodes fixed`: node2 for everyone, which makes that one broker cheaper per connect).
 
 floor - native is what any SPOE agent costs at best; null - floor is the price of Python,
 asyncio and our codec; agent - null is the decision (CONNECT fields, Redis round trip).
@@ -342,8 +344,11 @@ class Stack:
     A devstack Stack with the real agent and four balancers "storm-<path>"; the C floor and
     the do-nothing agent are started here and stopped after the stack."""
 
-    def __init__(self, version: str, workdir: Path, paths: list[str], agent_set: list[tuple[str, str]] = ()) -> None:
+    def __init__(self, version: str, workdir: Path, paths: list[str], agent_set: list[tuple[str, str]] = (),
+                 spoa_nodes: str = "spread") -> None:
         self.version = version
+        # What the floor and the do-nothing agent answer: one node, or a hash of the client id.
+        self.spoa_node = FIXED_NODE if spoa_nodes == "fixed" else ",".join(NODES)
         self.workdir = workdir
         self.paths = paths
         self.stack = devstack.Stack(version, workdir=workdir, die_with_parent=True,
@@ -362,9 +367,9 @@ class Stack:
         self.metrics_port = self.agent.metrics_port or 0
         if FLOOR in self.paths:
             self.spoas[FLOOR] = FloorSpoa(build_floor(self.workdir / "floor-bin"), self.workdir / "floor",
-                                          node=FIXED_NODE)
+                                          node=self.spoa_node)
         if NULL in self.paths:
-            self.spoas[NULL] = NullAgent(self.workdir / "null", node=FIXED_NODE)
+            self.spoas[NULL] = NullAgent(self.workdir / "null", node=self.spoa_node)
         for proc in self.spoas.values():
             proc.die_with_parent = True
             proc.start()
@@ -520,7 +525,7 @@ def run_version(version: str, args: argparse.Namespace, workdir: Path) -> Versio
     cids = [b"storm-%05d" % i for i in range(args.ids)]
     packets = [connect_packet(c, version=4, clean=False, keepalive=30) for c in cids]
     new_ids = NewIds()
-    stack = Stack(version, workdir / f"haproxy-{version}", paths, args.agent_set)
+    stack = Stack(version, workdir / f"haproxy-{version}", paths, args.agent_set, args.spoa_nodes)
     try:
         log(f"[{version}] starting redis, 3 mosquitto, the agents, {len(paths)} HAProxy in {stack.workdir}")
         stack.start()
@@ -685,9 +690,11 @@ def report(runs: list[VersionRun], args: argparse.Namespace, load_before: str, l
                f"concurrency {'/'.join(map(str, args.concurrency))}, {per} per step, {args.repeat} repeat(s), "
                "median shown; latency = CONNECT sent -> CONNACK received; everything (clients included) on this "
                "machine, nothing pinned")
+    answer = (f"node={FIXED_NODE} how=hit to every CONNECT (one broker gets all their connections)"
+              if args.spoa_nodes == "fixed" else
+              "how=hit and a node picked by a hash of the client id (the clients spread over the three brokers)")
     out.append(f"- SPOE paths: haproxy/haproxy.cfg + spoe-mqtt.conf; every agent address points at the path's "
-               f"agent. C floor and do-nothing agent answer node={FIXED_NODE} how=hit to every CONNECT (one broker "
-               "gets all their connections). Real agent config (devstack's, with): "
+               f"agent. C floor and do-nothing agent answer {answer}. Real agent config (devstack's, with): "
                f"{json.dumps({**BENCH_AGENT_OVERRIDES, **dict(args.agent_set)})}")
     out.append("")
 
@@ -880,6 +887,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ids", type=int, default=500, help="client id pool size, all placed in the warm-up (default 500)")
     ap.add_argument("--new-share", type=float, default=0.0,
                     help="fraction of the measured CONNECTs that use a never-seen client id (default 0)")
+    ap.add_argument("--spoa-nodes", choices=("spread", "fixed"), default="spread",
+                    help="what the C floor and the do-nothing agent answer: a node picked by a hash of the client "
+                         f"id (spread, default: the brokers share the load as on the other paths) or {FIXED_NODE} "
+                         "for every CONNECT (fixed)")
     ap.add_argument("--repeat", type=int, default=3, help="repeat every step N times, report medians (default 3)")
     ap.add_argument("--noisy-pct", type=float, default=15.0,
                     help="leave a repeat out of the medians if more than this %% of the machine's CPU went to "

@@ -3,7 +3,10 @@
  *
  * It answers every NOTIFY with the same ACK: set-var txn.<node-var> = the fixed node and
  * txn.<how-var> = "hit" (HAProxy adds the var-prefix of spoe-mqtt.conf: txn.mqtt.node,
- * txn.mqtt.how). It does not look at the messages. Everything else is SPOP done properly
+ * txn.mqtt.how). It does not look at the messages. With several nodes (-n node1,node2,node3)
+ * it reads one thing, the `client_id` argument of the first message, and names the node its
+ * FNV-1a hash picks: still sticky, and the clients spread over the brokers as the real agent
+ * and the native stick table spread them. Everything else is SPOP done properly
  * (doc/SPOE.txt, SPOP 2.0), so HAProxy 2.6 and 3.x accept it:
  *
  *   - HAPROXY-HELLO: supported-versions must list a 2.x, max-frame-size (UINT32/UINT64) and
@@ -24,7 +27,7 @@
  * connection until it is flushed: HAProxy cannot make us buffer without bound).
  *
  * Build (the benchmarks do this into a temporary folder):  gcc -O2 -o floor_spoa floor_spoa.c
- * Run:   floor_spoa -p PORT [-a 127.0.0.1] [-n node2] [-h hit] [-m 16380]
+ * Run:   floor_spoa -p PORT [-a 127.0.0.1] [-n node2 | -n node1,node2,node3] [-h hit] [-m 16380]
  * It prints "listening on ADDR:PORT" once ready; on SIGTERM/SIGINT it prints its counters
  * (connections, health checks, NOTIFYs, ACKs, disconnects, errors) and exits 0.
  */
@@ -53,11 +56,13 @@ enum {
 #define MIN_FRAME 7u /* type + flags + 1-byte stream-id + 1-byte frame-id */
 
 static uint32_t our_max_frame = 16380; /* HAProxy's default: tune.bufsize 16384 minus the length */
+#define MAX_NODES 16
 static const char *node = "node2", *how = "hit";
 static volatile sig_atomic_t stop;
 static unsigned long long n_conns, n_hc, n_notify, n_ack, n_disc, n_err;
-static unsigned char acts[512]; /* the constant actions of every ACK */
-static size_t acts_len;
+static unsigned char acts[MAX_NODES][512]; /* the constant actions of an ACK, one per node */
+static size_t acts_len[MAX_NODES];
+static int n_nodes;
 
 struct conn {
     int fd;
@@ -246,6 +251,32 @@ static int on_hello(struct conn *c, const unsigned char *p, size_t end, size_t p
     return ST_NORMAL;
 }
 
+/* With several nodes: the index of the node for the first message's client_id (FNV-1a of its
+ * bytes), 0 if it has none; -1 if the payload is malformed. */
+static int pick_node(const unsigned char *p, size_t end, size_t pos) {
+    uint64_t len, slen = 0, num;
+    const unsigned char *s = NULL;
+    int type, fl;
+    if (pos >= end) return 0; /* no message */
+    if (get_varint(p, end, &pos, &len) < 0 || len > end - pos) return -1; /* message name */
+    pos += len;
+    if (pos >= end) return -1;
+    unsigned nb_args = p[pos++];
+    for (unsigned i = 0; i < nb_args; i++) {
+        if (get_varint(p, end, &pos, &len) < 0 || len > end - pos) return -1;
+        int is_cid = len == 9 && memcmp(p + pos, "client_id", 9) == 0;
+        pos += len;
+        if (get_typed(p, end, &pos, &type, &fl, &s, &slen, &num) < 0) return -1;
+        if (is_cid) {
+            if (type != T_BINARY && type != T_STRING) return 0;
+            uint32_t h = 2166136261u;
+            for (uint64_t j = 0; j < slen; j++) h = (h ^ s[j]) * 16777619u;
+            return (int)(h % (uint32_t)n_nodes);
+        }
+    }
+    return 0;
+}
+
 /* Handle one frame body [p, p+len). Returns a SPOE status (ST_NORMAL = fine). */
 static int on_frame(struct conn *c, const unsigned char *p, size_t len) {
     if (len < MIN_FRAME) return ST_INVALID;
@@ -256,12 +287,15 @@ static int on_frame(struct conn *c, const unsigned char *p, size_t len) {
     if (get_varint(p, len, &pos, &sid) < 0 || get_varint(p, len, &pos, &fid) < 0) return ST_INVALID;
     if (type == 0 || !(flags & FLAG_FIN)) return ST_FRAG;
     switch (type) {
-    case NOTIFY:
+    case NOTIFY: {
         if (c->state != 1) return ST_INVALID;
         n_notify++;
-        if (out_frame(c, ACK, sid, fid, acts, acts_len) < 0) return ST_RESOURCE;
+        int k = n_nodes > 1 ? pick_node(p, len, pos) : 0;
+        if (k < 0) return ST_INVALID;
+        if (out_frame(c, ACK, sid, fid, acts[k], acts_len[k]) < 0) return ST_RESOURCE;
         n_ack++;
         return ST_NORMAL;
+    }
     case HAPROXY_HELLO:
         if (c->state != 0 || sid || fid) return ST_INVALID;
         return on_hello(c, p, len, pos);
@@ -343,7 +377,7 @@ static void on_readable(int ep, struct conn *c) {
 static void on_signal(int sig) { (void)sig; stop = 1; }
 
 static void usage(const char *argv0) {
-    fprintf(stderr, "usage: %s -p PORT [-a ADDR] [-n NODE] [-h HOW] [-m MAX_FRAME_SIZE]\n", argv0);
+    fprintf(stderr, "usage: %s -p PORT [-a ADDR] [-n NODE[,NODE...]] [-h HOW] [-m MAX_FRAME_SIZE]\n", argv0);
     exit(2);
 }
 
@@ -360,19 +394,28 @@ int main(int argc, char **argv) {
         default: usage(argv[0]);
         }
     }
-    if (port <= 0 || port > 65535 || our_max_frame < 256 || strlen(node) > 200 || strlen(how) > 200) usage(argv[0]);
+    if (port <= 0 || port > 65535 || our_max_frame < 256 || strlen(node) > 2000 || strlen(how) > 200) usage(argv[0]);
 
-    /* The ACK payload: two SET-VAR actions (type 1, 3 args, scope txn = 2, name, STRING value). */
-    size_t n = 0;
-    acts[n++] = 1; acts[n++] = 3; acts[n++] = 2;
-    n += put_str(acts + n, "node", 4);
-    acts[n++] = T_STRING;
-    n += put_str(acts + n, node, strlen(node));
-    acts[n++] = 1; acts[n++] = 3; acts[n++] = 2;
-    n += put_str(acts + n, "how", 3);
-    acts[n++] = T_STRING;
-    n += put_str(acts + n, how, strlen(how));
-    acts_len = n;
+    /* The ACK payloads, one per node: two SET-VAR actions (type 1, 3 args, scope txn = 2, name,
+     * STRING value). */
+    for (const char *nd = node; *nd && n_nodes < MAX_NODES;) {
+        size_t nl = strcspn(nd, ",");
+        if (nl == 0 || nl > 200) usage(argv[0]);
+        unsigned char *a = acts[n_nodes];
+        size_t n = 0;
+        a[n++] = 1; a[n++] = 3; a[n++] = 2;
+        n += put_str(a + n, "node", 4);
+        a[n++] = T_STRING;
+        n += put_str(a + n, nd, nl);
+        a[n++] = 1; a[n++] = 3; a[n++] = 2;
+        n += put_str(a + n, "how", 3);
+        a[n++] = T_STRING;
+        n += put_str(a + n, how, strlen(how));
+        acts_len[n_nodes++] = n;
+        nd += nl;
+        if (*nd == ',') nd++;
+    }
+    if (n_nodes == 0) usage(argv[0]);
 
     struct sigaction sa = {0};
     sa.sa_handler = on_signal; /* no SA_RESTART: epoll_wait returns EINTR */

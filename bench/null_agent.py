@@ -3,8 +3,10 @@
 ``agent.server.SpopServer`` (the asyncio transport and the sans-IO codec the real agent runs)
 with a dispatcher that answers every message with the same two set-vars, ``node`` = a fixed
 node and ``how`` = "hit": no parsing of the CONNECT fields, no decision, no Redis, no
-metrics, no health checks. What it costs over the C floor (``bench/floor_spoa.c``) is the
-price of Python + asyncio + the codec; what the real agent costs over it is the decision.
+metrics, no health checks. With ``--node node1,node2,node3`` the node is picked by a hash of
+the client id, so the clients spread over the brokers (still sticky). What it costs over the
+C floor (``bench/floor_spoa.c``) is the price of Python + asyncio + the codec; what the real
+agent costs over it is the decision.
 
     .venv/bin/python bench/null_agent.py --port 12345 [--node node2] [--cpu 0]
 
@@ -19,6 +21,7 @@ import asyncio
 import os
 import signal
 import sys
+import zlib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -28,12 +31,22 @@ from agent.spop import Action, Message, Scope, SetVar
 
 
 class NullDispatcher:
-    """Two constant set-var actions per message (the objects are shared, as the real agent does)."""
+    """Two constant set-var actions per message (the objects are shared, as the real agent does).
 
-    def __init__(self, node: str, how: str = "hit") -> None:
-        self.actions: list[Action] = [SetVar(Scope.TRANSACTION, "node", node), SetVar(Scope.TRANSACTION, "how", how)]
+    With several nodes, the node is picked by a CRC-32 of the client id (one dict lookup and a C
+    hash: still next to nothing), so the clients spread over the brokers as the real agent's do."""
+
+    def __init__(self, nodes: list[str], how: str = "hit") -> None:
+        self.answers: list[list[Action]] = [
+            [SetVar(Scope.TRANSACTION, "node", node), SetVar(Scope.TRANSACTION, "how", how)] for node in nodes]
+        self.actions = self.answers[0]
+        self.spread = len(nodes) > 1
 
     async def handle(self, message: Message) -> list[Action]:
+        if self.spread:
+            cid = message.get("client_id")
+            if isinstance(cid, bytes):
+                return self.answers[zlib.crc32(cid) % len(self.answers)]
         return self.actions
 
     def on_error(self, message: Message, exc: BaseException) -> list[Action]:
@@ -41,7 +54,7 @@ class NullDispatcher:
 
 
 async def serve(host: str, port: int, node: str, max_in_flight: int) -> None:
-    server = SpopServer(NullDispatcher(node), host, port, max_in_flight=max_in_flight,
+    server = SpopServer(NullDispatcher(node.split(",")), host, port, max_in_flight=max_in_flight,
                         max_frame_size=DEFAULT_MAX_FRAME_SIZE)
     await server.start()
     print(f"listening on {host}:{server.port} (node {node})", flush=True)
@@ -57,7 +70,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--node", default="node2", help="the node every ACK names (default node2)")
+    ap.add_argument("--node", default="node2",
+                    help="the node every ACK names (default node2); several, comma-separated: picked by a hash of "
+                         "the client id")
     ap.add_argument("--max-in-flight", type=int, default=64, help="as the agent's max_in_flight (default 64)")
     ap.add_argument("--cpu", type=int, default=None, help="pin to this CPU")
     args = ap.parse_args()

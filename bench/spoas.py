@@ -6,7 +6,8 @@
 * ``NullAgent``: ``bench/null_agent.py``, the product's own SPOP server with a do-nothing
   dispatcher (same fixed answer, no Redis): the cost of Python + asyncio + our codec.
 
-Both answer ``node`` = a fixed node (default node2) and ``how`` = "hit", answer HAProxy's
+Both answer ``node`` = a fixed node (default node2; or, given "node1,node2,node3", the node a
+hash of the client id picks) and ``how`` = "hit", answer HAProxy's
 health-check HELLO (``option spop-check``) and print "listening on ..." when ready. They are
 ``devstack.ManagedProcess`` es, so a ``devstack.Stack`` can point a balancer at them
 (``start_balancer(agents=[floor])``: only ``addr`` is used) and stops them with the rest when

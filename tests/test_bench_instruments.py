@@ -118,6 +118,31 @@ def test_floor_spoa_speaks_spop(floor: FloorSpoa) -> None:
     assert counters["healthchecks"] == 1 and counters["haproxy-disconnect"] == 1 and counters["errors"] == 3
 
 
+@pytest.mark.integration
+def test_floor_spoa_spreads_by_client_id(tmp_path: Path) -> None:
+    try:
+        binary = build_floor(tmp_path / "bin")
+    except ToolMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    floor = FloorSpoa(binary, tmp_path / "floor", node="node1,node2,node3")
+    floor.start()
+    try:
+        mix = spop_load.Mix(ids=60, new_share=0, mqtt5=False, expiry=None, clean=False, username=None)
+        with socket.create_connection(("127.0.0.1", floor.port), timeout=5) as s:
+            s.sendall(encode_haproxy_hello())
+            assert _read_frame(s).type == FrameType.AGENT_HELLO
+            answers: dict[int, str] = {}
+            for rnd in range(2):  # the same id twice: the same node
+                s.sendall(b"".join(notify_frame(1000 * rnd + i, p) for i, p in enumerate(mix.pool)))
+                for _ in mix.pool:
+                    ack = _read_frame(s)
+                    node = {a.name: a.value for a in decode_actions(ack.payload)}["node"]
+                    assert answers.setdefault(ack.stream_id % 1000, node) == node
+        assert set(answers.values()) == {"node1", "node2", "node3"}
+    finally:
+        floor.stop(5)
+
+
 def notify_frame(sid: int, payload: bytes) -> bytes:
     body = bytes((FrameType.NOTIFY, 0, 0, 0, 1)) + spop_load._varint(sid) + b"\x01" + payload
     return len(body).to_bytes(4, "big") + body
@@ -125,12 +150,15 @@ def notify_frame(sid: int, payload: bytes) -> bytes:
 
 @pytest.mark.integration
 def test_floor_and_null_agent_behind_haproxy(haproxy_version: str, tmp_path: Path) -> None:
-    """Both reference agents pass HAProxy's spop-check and route every CONNECT to their node."""
+    """Both reference agents (one node; spread by client id) pass HAProxy's spop-check and route
+    every CONNECT to the node they name."""
     try:
         binary = build_floor(tmp_path / "bin")
     except ToolMissing as exc:
         pytest.fail(str(exc), pytrace=False)
-    spoas = [FloorSpoa(binary, tmp_path / "floor"), NullAgent(tmp_path / "null")]
+    spoas = [FloorSpoa(binary, tmp_path / "floor"), NullAgent(tmp_path / "null"),
+             FloorSpoa(binary, tmp_path / "floor3", node="node1,node2,node3", label="3"),
+             NullAgent(tmp_path / "null3", node="node1,node2,node3", label="3")]
     # Short names: HAProxy refuses a stats socket path over 97 bytes, and devstack only moves
     # the socket to a short folder past 100.
     with DevStack(haproxy_version, workdir=tmp_path / "s") as stack:
@@ -144,13 +172,17 @@ def test_floor_and_null_agent_behind_haproxy(haproxy_version: str, tmp_path: Pat
             for b in balancers:
                 codes = asyncio.run(connect_many(b.port, ids, concurrency=20, version=4, clean=False))
                 assert codes == [0] * len(ids)
-            for b in balancers:
+            for b in balancers[:2]:  # one node
                 lines = [b.wait_line(i.decode()) for i in ids]
                 assert {(d["server"], d["node"], d["how"], d["err"]) for d in lines} == {("node2", "node2", "hit", "-")}
+            for b in balancers[2:]:  # spread by client id: every line routed as named, all three used
+                lines = [b.wait_line(i.decode()) for i in ids]
+                assert all(d["server"] == d["node"] and d["how"] == "hit" and d["err"] == "-" for d in lines)
+                assert {d["node"] for d in lines} == {"node1", "node2", "node3"}
         finally:
             for p in spoas:
                 p.stop(5)
-    assert spoas[0].counters()["errors"] == 0
+    assert spoas[0].counters()["errors"] == spoas[2].counters()["errors"] == 0
 
 
 def test_spop_load_sends_persistent_sessions_by_default() -> None:
