@@ -107,7 +107,7 @@ _ACK = int(FrameType.ACK)
 class Mix:
     """The `mqtt-connect` payloads: a pool of ids placed in a warm-up, and never-seen ids.
 
-    Ids are all 36 bytes: b"w<nonce>-<10 digits>-site-42-floor-3" (pool) and b"n<nonce>-..."
+    Ids are all 34 bytes: b"w<nonce>-<10 digits>-site-42-floor-3" (pool) and b"n<nonce>-..."
     (new). `next_payload()` interleaves exactly `new_share` new ids (an accumulator, not a coin)."""
 
     def __init__(self, *, ids: int, new_share: float, mqtt5: bool, expiry: int | None, clean: bool,
@@ -187,7 +187,6 @@ def _varint(v: int) -> bytes:
     if v2 < 128:
         return bytes((240 | (v & 15), (v1 | 128) & 255, v2))
     return encode_varint(v)
-
 
 
 @dataclass
