@@ -86,6 +86,8 @@ class Breaker:
         #: Runs after a successful ping and before the breaker closes (e.g. re-read node
         #: states): decisions after recovery must not use what was known before the outage.
         self.on_recover = on_recover
+        #: Runs when the breaker opens (e.g. drop the local cache: its coherence is not known).
+        self.on_trip: Callable[[], None] | None = None
         self._timeouts_to_trip = timeouts_to_trip
         self._probe_initial = probe_initial
         self._probe_max = probe_max
@@ -136,6 +138,8 @@ class Breaker:
         self.trips += 1
         self.reason = describe(exc)
         log.warning("redis unavailable (%s): deciding locally until it is back", self.reason)
+        if self.on_trip is not None:
+            self.on_trip()
         if not self._stopping and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._probe_loop(), name="redis-probe")
 

@@ -28,10 +28,18 @@ decided here in between (well under a millisecond on a LAN) gets the previous an
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import asyncio
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["CacheEntry", "OwnerCache"]
+import hiredis
+
+from agent.endpoint import PipeTarget
+from agent.redis_pipe import PipelinedRedis, encode_command
+
+__all__ = ["CacheEntry", "OwnerCache", "Tracker"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,3 +135,131 @@ class OwnerCache:
             members.discard(cid)
             if not members:
                 del self._by_bucket[entry.bucket]
+
+
+class _Subscriber(asyncio.Protocol):
+    """The tracking connection: CLIENT ID, SUBSCRIBE __redis__:invalidate, then invalidations."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self._tracker = tracker
+        self._reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+        self.replies: deque[asyncio.Future[Any]] = deque()
+        self.subscribed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while (msg := self._reader.gets()) is not False:
+            if self.subscribed and isinstance(msg, list) and msg and msg[0] == b"message":
+                self._tracker.invalidated(msg[2])
+            elif self.replies:
+                fut = self.replies.popleft()
+                if not fut.done():
+                    fut.set_result(msg)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for fut in self.replies:
+            if not fut.done():
+                fut.set_exception(ConnectionError("tracking connection lost"))
+        self._tracker.lost(self)
+
+    def ask(self, *args: bytes | str | int) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.replies.append(fut)
+        assert self.transport is not None
+        self.transport.write(encode_command(args))
+        return fut
+
+
+class Tracker:
+    """Keeps one decision connection's client-side caching honest (see the module docstring).
+
+    ``pipe`` is the decision connection (``PipelinedRedis``) whose keys are tracked; the
+    tracking connection goes to the same server. The cache is enabled only while both are up
+    and ``CLIENT TRACKING`` is on; any loss drops it whole.
+    """
+
+    def __init__(self, cache: OwnerCache, pipe: PipelinedRedis, target: Callable[[], Awaitable[PipeTarget]],
+                 prefix: bytes, *, on_change: Callable[[], None], timeout: float = 1.0) -> None:
+        self._cache = cache
+        self._on_change = on_change
+        self._pipe = pipe
+        self._target = target
+        self._prefix = prefix
+        self._timeout = timeout
+        self._sub: _Subscriber | None = None
+        self.active = False
+        self.client_id: int | None = None
+        self._pipe_generation = -1
+
+    def invalidated(self, keys: Any) -> None:
+        cache = self._cache
+        if keys is None:  # FLUSHDB/FLUSHALL: everything
+            cache.clear()
+            return
+        plen = len(self._prefix)
+        for key in keys:
+            # P{<bucket>}o / P{<bucket>}p: the bucket number between the braces
+            end = key.find(b"}", plen)
+            try:
+                cache.invalidate(int(key[plen + 1:end]))
+            except ValueError:
+                cache.clear()  # not ours to parse: be safe
+
+    def lost(self, sub: _Subscriber) -> None:
+        if sub is self._sub:
+            self._sub = None
+            self._off()
+
+    def pipe_lost(self) -> None:
+        """The tracked decision connection is gone: Redis stopped tracking for it."""
+        self._off()
+
+    def _off(self) -> None:
+        if self.active:
+            self.active = False
+            self._on_change()
+        self._cache.clear()
+
+    async def ensure(self) -> None:
+        """Tracking on for the decision connection as it is now; raises if that cannot be done."""
+        if self.active and self._sub is not None and self._pipe_generation == self._pipe.generation:
+            return
+        self._off()
+        if self._sub is None or self._sub.transport is None or self._sub.transport.is_closing():
+            t = await self._target()
+            loop = asyncio.get_running_loop()
+            sub = _Subscriber(self)
+            if t.path is not None:
+                await loop.create_unix_connection(lambda: sub, t.path)
+            else:
+                assert t.host is not None
+                await loop.create_connection(lambda: sub, t.host, t.port, ssl=t.ssl, server_hostname=t.server_hostname)
+            self._sub = sub
+            async with asyncio.timeout(self._timeout):
+                for cmd in t.setup_commands():
+                    if cmd[0] == "AUTH":
+                        await sub.ask(*cmd)
+                self.client_id = int(await sub.ask("CLIENT", "ID"))
+                await sub.ask("SUBSCRIBE", "__redis__:invalidate")
+                sub.subscribed = True
+        generation = self._pipe.generation
+        assert self.client_id is not None
+        async with asyncio.timeout(self._timeout):
+            await self._pipe.execute("CLIENT", "TRACKING", "OFF")
+            await self._pipe.execute("CLIENT", "TRACKING", "ON", "REDIRECT", self.client_id, "BCAST",
+                                     "PREFIX", self._prefix + b"{")
+        if generation != self._pipe.generation or self._sub is None:
+            raise ConnectionError("the decision connection changed while tracking was turned on")
+        self._pipe_generation = generation
+        self.active = True
+        self._on_change()
+
+    async def close(self) -> None:
+        self._off()
+        sub, self._sub = self._sub, None
+        if sub is not None and sub.transport is not None:
+            sub.transport.close()

@@ -26,7 +26,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from agent.redis_pipe import PipelinedRedis, RedisReplyError
+from agent.redis_pipe import PipelinedRedis, RedisReplyError, Reply, encode_command
 
 if TYPE_CHECKING:
     from agent.endpoint import RedisEndpoint
@@ -49,6 +49,10 @@ def parse_slots(reply: Any) -> list[tuple[int, int, Address]]:
         host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
         out.append((first, last, (host, int(primary[1]))))
     return out
+
+
+def _ignore(value: Any, exc: BaseException | None) -> None:
+    pass
 
 
 def _address(text: str) -> Address:
@@ -79,6 +83,10 @@ class ClusterPipe:
         """Every slot has a primary and every primary a ready connection (checked per decision: cheap)."""
         primaries = self._primaries
         return primaries is not None and all(self._pipe(a).connected for a in primaries)
+
+    def node_pipe(self, addr: Address) -> PipelinedRedis:
+        """The decision connection to one primary."""
+        return self._pipe(addr)
 
     def _pipe(self, addr: Address) -> PipelinedRedis:
         pipe = self._pipes.get(addr)
@@ -184,6 +192,48 @@ class ClusterPipe:
                 self._refresh_soon()
                 raise
         raise RedisConnectionError(f"slot {slot}: too many redirections")
+
+    def submit(self, data: bytes, callback: Reply, timeout: float | None = None, key: bytes = b"",
+               redirects: int = 0) -> None:
+        """The hot path's send (see ``PipelinedRedis.submit``), to the primary of ``key``'s slot;
+        MOVED and ASK are followed from the reply callback, without a task."""
+        slot = key_slot(key) if key else 0
+        addr = self._slots[slot]
+        if addr is None:
+            self._refresh_soon()
+            callback(None, RedisConnectionError(f"no primary known for slot {slot}"))
+            return
+        pipe = self._pipe(addr)
+        if not pipe.connected:
+            self._refresh_soon()
+            callback(None, RedisConnectionError(f"no connection to {addr[0]}:{addr[1]}"))
+            return
+
+        def reply(value: Any, exc: BaseException | None) -> None:
+            if isinstance(exc, RedisReplyError) and redirects < MAX_REDIRECTS:
+                word, _, rest = str(exc).partition(" ")
+                if word == "MOVED":
+                    moved_slot, target = rest.split()
+                    new = self._slots[int(moved_slot)] = _address(target)
+                    if self._primaries is not None and new not in self._primaries:
+                        self._primaries = self._primaries | {new}
+                    self._refresh_soon()
+                    self.submit(data, callback, timeout, key, redirects + 1)
+                    return
+                if word == "ASK":
+                    target_pipe = self._pipe(_address(rest.split()[1]))
+                    if target_pipe.connected:
+                        # Back to back on one connection: nothing can come between the two.
+                        target_pipe.submit(encode_command((b"ASKING",)), _ignore, timeout)
+                        target_pipe.submit(data, callback, timeout)
+                        return
+                if word in ("TRYAGAIN", "CLUSTERDOWN"):
+                    exc = RedisConnectionError(str(exc))
+            elif isinstance(exc, RedisConnectionError):
+                self._refresh_soon()
+            callback(value, exc)
+
+        pipe.submit(data, reply, timeout)
 
     async def close(self) -> None:
         if self._refreshing is not None:

@@ -103,6 +103,11 @@ class Config:
     #: is down, before it is moved to another broker and starts a new session there. 0 = move
     #: at once.
     owner_down_grace: float = 30.0
+    #: Decisions per Redis script call at most: those that queue within one turn of the event
+    #: loop go together (1: one call each, all in one pipelined write).
+    decision_batch: int = 16
+    #: Client records kept in the local cache (0: no cache; every decision asks Redis).
+    cache_size: int = 100_000
     #: Placements wait for this many replicas (WAIT) before the ACK; 0 = no wait. See README.
     redis_wait_replicas: int = 0
     #: How long a placement waits for its replicas (seconds); past it the ACK goes out anyway.
@@ -165,6 +170,8 @@ _TOP_KEYS = frozenset(
         "sweep_interval",
         "redis_wait_replicas",
         "redis_wait_timeout",
+        "decision_batch",
+        "cache_size",
         "failover_journal",
         "health",
         "log_level",
@@ -395,6 +402,8 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         "max_frame_size": (256, 16_777_216),
         "max_connections": (1, 1_000_000),
         "redis_wait_replicas": (0, 16),
+        "decision_batch": (1, 256),
+        "cache_size": (0, 10_000_000),
     }
     for key, (lo, hi) in int_fields.items():
         if key in data:

@@ -40,8 +40,10 @@ class Core:
         store = store or RedisStore.from_config(config)
         breaker = Breaker(store, probe_timeout=background_timeout(config))
         refresher = Refresher(config, store, breaker)
-        # Decisions after an outage must use what operators set meanwhile.
+        # Decisions after an outage must use what operators set meanwhile; the local cache
+        # is dropped when Redis goes, and comes back only with CLIENT TRACKING.
         breaker.on_recover = refresher.load
+        breaker.on_trip = store.cache.clear
         engine = AffinityEngine(
             config, store, breaker, lambda: refresher.overrides, healthy, down_since=down_since, observer=observer
         )
@@ -57,6 +59,8 @@ class Core:
         except Exception as exc:
             self.breaker.failure(exc, "start")
         await self.refresher.start()
+        if self.breaker.available:
+            await self.store.keep_tracking()
         await self.sweeper.start()
 
     def reload(self, config: Config) -> None:

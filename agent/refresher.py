@@ -34,6 +34,7 @@ class OverrideStore(Protocol):
     async def load_layout(self) -> Layout: ...
     async def load_node_overrides(self) -> NodeOverrides: ...
     async def session_counts(self) -> tuple[dict[str, int], float | None]: ...
+    async def keep_tracking(self) -> None: ...
 
 
 class Refresher:
@@ -56,10 +57,12 @@ class Refresher:
         self._config = config
 
     async def load(self) -> None:
-        """Read the overrides now; raises on failure (the breaker's probe uses this)."""
+        """Read the overrides now (and keep client-side caching on); raises on failure (the
+        breaker's probe uses this)."""
         async with asyncio.timeout(background_timeout(self._config)):
             await self._store.load_layout()
             self.overrides = await self._store.load_node_overrides()
+            await self._store.keep_tracking()
 
     async def refresh(self) -> bool:
         """Read the overrides now; False if Redis is unavailable or did not answer."""

@@ -287,3 +287,40 @@ def predict(
                        pin_ignored=pin_ignored)
     return Outcome(dest, How.NONE, prefix + f"clean session, no record: {candidate if exact else 'a node'} by hash",
                    pin_ignored=pin_ignored)
+
+
+def cached_outcome(
+    cid: bytes,
+    owner: str,
+    owner_expiry: int,
+    pin: str,
+    pin_expiry: int,
+    *,
+    persistent: bool,
+    expiry: int,
+    now: int,
+    elig: Eligibility,
+) -> tuple[str, How, str | None, str | None] | None:
+    """decide.lua's answer from a cached record, when that answer writes nothing but (perhaps)
+    a later expiry; None when only Redis may decide (a move, an assignment, an evacuation, a
+    wait, a pin that moves the record). ``expiry``: the record expiry this CONNECT asks for
+    (0 = never). Returns (node, how, previous, pin_ignored). ``tests/test_rules.py`` checks it
+    against :func:`predict` on every state it answers for."""
+    o = owner if owner and (owner_expiry == 0 or owner_expiry > now) else ""
+    if persistent and o and (owner_expiry == 0) != (expiry == 0):
+        return None  # the session's expiry kind changes: a rewrite, which the script does
+    pin_ignored = None
+    if pin and (pin_expiry == 0 or pin_expiry > now):
+        if pin in elig.usable:
+            if persistent and o != pin:
+                return None  # the record moves to the pin
+            return pin, How.PINNED, (o or None) if o != pin else None, None
+        pin_ignored = pin
+    if o:
+        if o in elig.usable and o not in elig.evacuating:
+            return o, How.HIT, None, pin_ignored
+        return None
+    if persistent:
+        return None
+    candidate = placement.choose(cid, elig.placeable)
+    return (candidate, How.NONE, None, pin_ignored) if candidate is not None else None

@@ -30,24 +30,26 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from agent.cache import OwnerCache, Tracker
 from agent.cluster import ClusterPipe
 from agent.config import Config
-from agent.endpoint import Kind, RedisEndpoint
+from agent.endpoint import Kind, PipeTarget, RedisEndpoint
 from agent.logs import warn_limited
 from agent.model import DEFAULT_BUCKETS, LAYOUT_VERSION, NEVER, SCRIPT_HOWS, How, Keys, OwnerRecord, lua_prelude
-from agent.redis_pipe import NoScriptError
+from agent.redis_pipe import NoScriptError, PipelinedRedis, encode_args, encode_command
 from agent.rules import NodeOverrides, parse_overrides
 
-__all__ = ["Journal", "Layout", "RedisStore", "Script", "StoreDecision", "load_script"]
+__all__ = ["Answer", "Journal", "Layout", "NodeArgs", "RedisStore", "Script", "StoreDecision", "load_script"]
 
 log = logging.getLogger("mqtt_affinity.redis")
 
@@ -81,6 +83,79 @@ class StoreDecision:
     how: How
     previous: str | None = None
     pin_ignored: str | None = None
+
+
+class NodeArgs:
+    """The decision arguments every CONNECT shares while config, health and overrides stay
+    the same (usable, evacuating and waiting nodes), encoded once as a RESP piece, with the
+    evacuation rates the budget claims need. The engine builds one per change, not per CONNECT."""
+
+    __slots__ = ("count", "piece", "rates")
+
+    def __init__(self, usable: Iterable[str], evacuating: Mapping[str, int], waiting: Iterable[str]) -> None:
+        u, e, w = sorted(set(usable)), sorted(evacuating), sorted(set(waiting))
+        args: list[bytes | str | int] = [len(u), *u, len(e), *e, len(w), *w]
+        self.piece = encode_args(args)
+        self.count = len(args)
+        self.rates = dict(evacuating)
+
+
+class Answer:
+    """One decision's result, and the client's record and pin after it (what may be cached)."""
+
+    __slots__ = ("how", "node", "owner", "owner_expiry", "pin", "pin_expiry", "pin_ignored", "previous")
+
+    def __init__(self, node: str | None, how: How, previous: str | None, pin_ignored: str | None,
+                 owner: str, owner_expiry: int, pin: str, pin_expiry: int) -> None:
+        self.node = node
+        self.how = how
+        self.previous = previous
+        self.pin_ignored = pin_ignored
+        self.owner = owner
+        self.owner_expiry = owner_expiry
+        self.pin = pin
+        self.pin_expiry = pin_expiry
+
+
+_HOWS = {h.value: h for h in SCRIPT_HOWS}
+
+
+def _s(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _answer(values: list[Any], at: int) -> tuple[Answer, str]:
+    """The 9 values decide.lua returns for one decision, from ``at``."""
+    node, how, previous, pin_ignored, flag, owner, owner_expiry, pin, pin_expiry = values[at:at + 9]
+    h = _HOWS.get(_s(how))
+    if h is None:
+        raise ValueError(f"decide.lua returned unknown how {how!r}")
+    return Answer(_s(node) or None, h, _s(previous) or None, _s(pin_ignored) or None,
+                  _s(owner), int(owner_expiry), _s(pin), int(pin_expiry)), _s(flag)
+
+
+class _Call:
+    """One decision waiting for its batch."""
+
+    __slots__ = ("bucket", "by", "callback", "candidate", "cid", "keys", "node_args", "now", "owners",
+                 "persistent", "timeout", "token", "ttl")
+
+    def __init__(self, cid: bytes, bucket: int, owners: bytes, keys: list[bytes], persistent: bool,
+                 candidate: str, ttl: int, now: int, by: str, token: str, node_args: NodeArgs,
+                 callback: Callable[[Answer | None, BaseException | None], None], timeout: float | None) -> None:
+        self.cid = cid
+        self.bucket = bucket
+        self.owners = owners
+        self.keys = keys
+        self.persistent = persistent
+        self.candidate = candidate
+        self.ttl = ttl
+        self.now = now
+        self.by = by
+        self.token = token
+        self.node_args = node_args
+        self.callback = callback
+        self.timeout = timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +209,22 @@ class Journal:
         return len(self.entries())
 
 
+def _fixed(target: PipeTarget) -> Callable[[], Awaitable[PipeTarget]]:
+    async def get() -> PipeTarget:
+        return target
+
+    return get
+
+
 def _field(info: str, name: str) -> str:
     for line in info.splitlines():
         if line.startswith(name + ":"):
             return line.split(":", 1)[1].strip()
     return ""
+
+
+#: Seconds between write-behind flushes of the expiry refreshes of cached hits.
+REFRESH_EVERY = 1.0
 
 
 def refresh_step(ttl: int) -> int:
@@ -161,6 +247,8 @@ class RedisStore:
         health_check_interval: int = 5,
         connect_timeout: float | None = None,
         buckets: int = DEFAULT_BUCKETS,
+        batch: int = 16,
+        cache_size: int = 0,
         wait_replicas: int = 0,
         wait_timeout: float = 0.1,
         journal_seconds: float = 30.0,
@@ -172,6 +260,19 @@ class RedisStore:
         self._new_buckets = buckets
         self.keys = Keys(key_prefix, buckets)
         self.layout: Layout | None = None
+        #: Decisions per EVALSHA at most (1: every decision its own call, all pipelined).
+        self.batch = max(1, batch)
+        self._cluster = endpoint.kind is Kind.CLUSTER
+        self._pending: dict[tuple[NodeArgs, int, int], list[_Call]] = {}
+        self._flush_scheduled = False
+        self._reconnecting: asyncio.Future[None] | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
+        #: The local cache of records, kept honest by CLIENT TRACKING (size 0: none).
+        self.cache = OwnerCache(self.keys.buckets, cache_size)
+        self._trackers: dict[object, Tracker] = {}
+        self._refreshes: dict[int, list[tuple[bytes, str, int]]] = {}
+        self._refresh_ids: set[bytes] = set()
+        self._refresh_timer: asyncio.TimerHandle | None = None
         self._timeout = timeout
         self._wait_replicas = wait_replicas
         self._wait_timeout = wait_timeout
@@ -203,6 +304,7 @@ class RedisStore:
         self.claim_script = Script("claim.lua")
         self.sweep_script = Script("sweep.lua")
         self.restore_script = Script("restore.lua")
+        self.refresh_script = Script("refresh.lua")
         # Decisions (the per-CONNECT hot path) go over one pipelined connection instead of
         # the pool: about 2x the throughput at concurrency 64, and no pool to starve.
         self._pipe: Any = endpoint.decision_connection(connect_timeout=connect_timeout)
@@ -220,6 +322,8 @@ class RedisStore:
             key_prefix=config.key_prefix,
             timeout=config.redis_timeout,
             pool_size=config.redis_pool_size,
+            batch=config.decision_batch,
+            cache_size=config.cache_size,
             wait_replicas=config.redis_wait_replicas,
             wait_timeout=config.redis_wait_timeout,
             journal_seconds=config.failover_journal,
@@ -252,10 +356,165 @@ class RedisStore:
             raise RuntimeError(f"Redis holds layout version {layout.version}; this agent knows {LAYOUT_VERSION}")
         if self.layout is None or layout.buckets != self.layout.buckets:
             self.keys = self.keys.with_buckets(layout.buckets)
+            self.cache.resize(layout.buckets)
         self.layout = layout
         return layout
 
     # -- the decision ----------------------------------------------------------------------
+
+    def submit(
+        self,
+        cid: bytes,
+        *,
+        persistent: bool,
+        candidate: str | None,
+        ttl: int,
+        now: int,
+        node_args: NodeArgs,
+        by: str,
+        callback: Callable[[Answer | None, BaseException | None], None],
+        timeout: float | None,
+        token: str = "",
+    ) -> None:
+        """Queue one decision; ``callback(answer, None)`` or ``callback(None, error)`` later.
+
+        Decisions queued in the same turn of the event loop leave together, at the end of the
+        turn: up to ``batch`` of them per ``EVALSHA`` (decide.lua loops over them; on a Cluster
+        only decisions of one slot share a call), every call in one write. Never raises.
+        """
+        layout = self.layout
+        if layout is None:
+            callback(None, RedisConnectionError("the key layout has not been read from Redis yet"))
+            return
+        if not self._pipe.connected:
+            self._reconnect_soon()
+            callback(None, RedisConnectionError("not connected to Redis"))
+            return
+        keys = self.keys
+        bucket = keys.bucket(cid)
+        owners, pins = keys.owners(bucket), keys.pins(bucket)
+        key_list = [owners, pins, keys.v1_owner(cid), keys.v1_pin(cid)] if layout.v1 else [owners, pins]
+        call = _Call(cid, bucket, owners, key_list, persistent, candidate or "", ttl, now, by[:32], token,
+                     node_args, callback, timeout)
+        group = (node_args, now, key_slot(owners) if self._cluster else 0)
+        pending = self._pending.get(group)
+        if pending is None:
+            pending = self._pending[group] = []
+        pending.append(call)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """The rare multi-step decisions (evacuation, WAIT, a script reload) run as tasks."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _reconnect_soon(self) -> None:
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._pipe.connect()
+        except Exception as exc:  # the breaker's probe tries again
+            log.debug("decision connection: %s", exc)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, {}
+        for (node_args, now, _), calls in pending.items():
+            for start in range(0, len(calls), self.batch):
+                self._send(calls[start:start + self.batch], node_args, now)
+
+    def _send(self, calls: list[_Call], node_args: NodeArgs, now: int, retried: bool = False) -> None:
+        stride = len(calls[0].keys)
+        nkeys = stride * len(calls)
+        head: list[bytes | str | int] = [b"EVALSHA", self.decide_script.sha, nkeys]
+        pieces = [encode_args(head)]
+        pieces += [encode_args(c.keys) for c in calls]
+        pieces.append(encode_args([len(calls), stride, now]))
+        pieces.append(node_args.piece)
+        for c in calls:
+            pieces.append(encode_args([c.cid, "p" if c.persistent else "c", c.candidate, c.ttl,
+                                       refresh_step(c.ttl), c.by, c.token]))
+        nargs = len(head) + nkeys + 3 + node_args.count + 7 * len(calls)
+        data = b"*%d\r\n" % nargs + b"".join(pieces)
+
+        def reply(value: Any, exc: BaseException | None) -> None:
+            if exc is not None:
+                if isinstance(exc, NoScriptError) and not retried:
+                    # Redis restarted or SCRIPT FLUSH (on a Cluster: this primary): load it, once.
+                    self._spawn(self._reload_and_resend(calls, node_args, now))
+                    return
+                for c in calls:
+                    c.callback(None, exc)
+                return
+            for n, c in enumerate(calls):
+                try:
+                    answer, flag = _answer(value, 9 * n)
+                except Exception as bad:  # a script of another version, say
+                    c.callback(None, bad)
+                    continue
+                self._answered(c, answer, flag)
+
+        self._pipe.submit(data, reply, calls[0].timeout, key=calls[0].owners)
+
+    async def _reload_and_resend(self, calls: list[_Call], node_args: NodeArgs, now: int) -> None:
+        try:
+            await self._pipe.execute("SCRIPT", "LOAD", self.decide_script.source, key=calls[0].owners,
+                                     timeout=calls[0].timeout)
+        except Exception as exc:
+            for c in calls:
+                c.callback(None, exc)
+            return
+        self._send(calls, node_args, now, retried=True)
+
+    def _answered(self, call: _Call, answer: Answer, flag: str) -> None:
+        if flag == "e" and answer.node in call.node_args.rates:
+            # The owner is evacuating: move only within the budget every agent shares.
+            self._spawn(self._evacuate(call, answer))
+            return
+        if flag == "w" and answer.node:
+            record = OwnerRecord(answer.node, call.now + call.ttl if call.ttl else NEVER, call.now, call.by)
+            self.journal.add(call.cid, call.owners, record.encode())
+            if self._wait_replicas:
+                self._spawn(self._wait_then(call, answer))
+                return
+        call.callback(answer, None)
+
+    async def _evacuate(self, call: _Call, answer: Answer) -> None:
+        node = answer.node
+        assert node is not None
+        try:
+            rate = max(0, int(call.node_args.rates[node]))
+            second = await self._eval(self.claim_script, [self.keys.evac_budget(node)], [rate],
+                                      lambda: call.timeout)
+        except Exception as exc:
+            call.callback(None, exc)
+            return
+        if not second:
+            call.callback(answer, None)  # no move left this second: it stays, this time
+            return
+        # Asked again with the token, as of the Redis second whose budget the move used.
+        self.submit(call.cid, persistent=call.persistent, candidate=call.candidate, ttl=call.ttl, now=int(second),
+                    node_args=call.node_args, by=call.by, callback=call.callback, timeout=call.timeout, token=node)
+
+    async def _wait_then(self, call: _Call, answer: Answer) -> None:
+        """WAIT for the replicas to have this placement (and every earlier write on this connection)."""
+        ms = max(1, int(self._wait_timeout * 1000))
+        try:
+            acked = int(await self._pipe.execute("WAIT", self._wait_replicas, ms, key=call.owners,
+                                                 timeout=self._wait_timeout + (call.timeout or 0)))
+        except Exception as exc:
+            call.callback(None, exc)
+            return
+        if acked < self._wait_replicas:
+            self.wait_short += 1
+            warn_limited(log, "wait-short", "a placement reached %d of %d replicas within %d ms (answered anyway)",
+                         acked, self._wait_replicas, ms)
+        call.callback(answer, None)
 
     async def decide(
         self,
@@ -271,66 +530,112 @@ class RedisStore:
         by: str = "",
         timeout: float | None = None,
     ) -> StoreDecision:
-        """Run decide.lua for one client. ``ttl`` None or 0 = the record never expires.
+        """One decision, awaited (tests and tools; the agent's hot path uses :meth:`submit`).
+        ``ttl`` None or 0 = the record never expires; ``timeout`` bounds the whole call."""
+        if not self._pipe.connected:
+            await asyncio.wait_for(asyncio.shield(self._pipe.connect()), timeout)
+        fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
 
-        ``timeout`` bounds the whole call (TimeoutError past it)."""
-        layout = self.layout
-        if layout is None:
-            raise RedisConnectionError("the key layout has not been read from Redis yet")
-        pipe = self._pipe
-        loop = asyncio.get_running_loop()
-        # One budget for the whole call, however many steps it takes.
-        deadline = None if timeout is None else loop.time() + timeout
+        def done(answer: Answer | None, exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                assert answer is not None
+                fut.set_result(answer)
 
-        def left() -> float | None:
-            return None if deadline is None else max(0.0, deadline - loop.time())
+        self.submit(cid, persistent=persistent, candidate=candidate, ttl=int(ttl) if ttl else 0, now=int(now),
+                    node_args=NodeArgs(usable, evacuating or {}, waiting), by=by, callback=done, timeout=timeout)
+        a = await fut
+        return StoreDecision(a.node, a.how, a.previous, a.pin_ignored)
 
-        if not pipe.connected:
-            # Rare (start-up, after an outage). Shielded: a caller that runs out of budget
-            # must not cancel the attempt that other callers and the probe share.
-            await asyncio.wait_for(asyncio.shield(pipe.connect()), left())
-        keys = self.keys
-        owners, pins = keys.client(cid)
-        key_args: list[bytes] = [owners, pins]
-        if layout.v1:
-            key_args += [keys.v1_owner(cid), keys.v1_pin(cid)]
-        ttl = int(ttl) if ttl else 0
-        evac = evacuating or {}
-        tail: list[bytes | str | int] = [
-            "p" if persistent else "c", candidate or "", ttl, int(now), by[:32],
-        ]
-        usable_list = sorted(set(usable))
-        grace = sorted(waiting)
-        rest: list[bytes | str | int] = [
-            refresh_step(ttl), len(usable_list), *usable_list, len(evac), *sorted(evac), len(grace), *grace,
-        ]
-        raw = await self._eval(self.decide_script, key_args, [cid, *tail, "", *rest], left)
-        node, how, previous, pin_ignored, flag = (_text(x) for x in raw)
-        if flag == "e" and node in evac:
-            # The owner is evacuating: move only within the budget every agent shares.
-            second = await self._eval(self.claim_script, [keys.evac_budget(node)], [max(0, int(evac[node]))], left)
-            if second:
-                tail[3] = int(second)  # now = the Redis second whose budget the move used
-                raw = await self._eval(self.decide_script, key_args, [cid, *tail, node, *rest], left)
-                node, how, previous, pin_ignored, flag = (_text(x) for x in raw)
-        if how not in SCRIPT_HOWS:
-            raise ValueError(f"decide.lua returned unknown how {how!r}")
-        if flag == "w" and node:
-            record = OwnerRecord(node, int(tail[3]) + ttl if ttl else NEVER, int(tail[3]), by[:32]).encode()
-            self.journal.add(cid, owners, record)
-            if self._wait_replicas:
-                await self._wait(owners, left)
-        return StoreDecision(node or None, How(how), previous or None, pin_ignored or None)
+    # -- client-side caching ---------------------------------------------------------------
 
-    async def _wait(self, key: bytes, left: Any) -> None:
-        """WAIT for the replicas to have this placement (and every earlier write on this connection)."""
-        budget = left()
-        ms = int(self._wait_timeout * 1000) if budget is None else max(1, int(min(self._wait_timeout, budget) * 1000))
-        acked = int(await self._pipe.execute("WAIT", self._wait_replicas, ms, key=key, timeout=left()))
-        if acked < self._wait_replicas:
-            self.wait_short += 1
-            warn_limited(log, "wait-short", "a placement reached %d of %d replicas within %d ms (answered anyway)",
-                         acked, self._wait_replicas, ms)
+    def bucket(self, cid: bytes) -> int:
+        return self.keys.bucket(cid)
+
+    def prepare(self, usable: Iterable[str], evacuating: Mapping[str, int], waiting: Iterable[str]) -> NodeArgs:
+        return NodeArgs(usable, evacuating, waiting)
+
+    def queue_refresh(self, cid: bytes, bucket: int, node: str, expiry: int) -> None:
+        """Write behind (a cached hit): collected, then written per bucket once a second."""
+        if cid in self._refresh_ids:
+            return
+        self._refresh_ids.add(cid)
+        self._refreshes.setdefault(bucket, []).append((cid, node, expiry))
+        if self._refresh_timer is None:
+            loop = asyncio.get_running_loop()
+            self._refresh_timer = loop.call_later(REFRESH_EVERY, self._flush_refreshes)
+
+    def _flush_refreshes(self) -> None:
+        self._refresh_timer = None
+        refreshes, self._refreshes = self._refreshes, {}
+        self._refresh_ids.clear()
+        if refreshes and self._pipe.connected:
+            self.refresh_records(refreshes, int(time.time()))
+
+    def _tracking_changed(self) -> None:
+        trackers = self._trackers
+        self.cache.enabled = bool(trackers) and all(t.active for t in trackers.values())
+
+    async def keep_tracking(self) -> None:
+        """Turn CLIENT TRACKING on wherever it is off (each primary's decision connection);
+        the cache is used only while it is on everywhere. Cheap when nothing changed."""
+        if self.cache.capacity <= 0 or self.layout is None:
+            return
+        pipes: dict[object, PipelinedRedis]
+        targets: dict[object, Callable[[], Awaitable[PipeTarget]]]
+        if isinstance(self._pipe, ClusterPipe):
+            pipes = {addr: self._pipe.node_pipe(addr) for addr in self._pipe.primaries}
+            targets = {addr: _fixed(self.endpoint.pipe_target(*addr)) for addr in self._pipe.primaries}
+        else:
+            pipes = {"": self._pipe}
+            targets = {"": self._target_now}
+        for gone in [k for k in self._trackers if k not in pipes]:
+            await self._trackers.pop(gone).close()
+        for k, pipe in pipes.items():
+            tracker = self._trackers.get(k)
+            if tracker is None:
+                tracker = self._trackers[k] = Tracker(self.cache, pipe, targets[k], self.keys.raw,
+                                                      on_change=self._tracking_changed, timeout=self._timeout * 4)
+                pipe.on_lost = tracker.pipe_lost
+            if not pipe.connected:
+                continue
+            try:
+                await tracker.ensure()
+            except Exception as exc:
+                log.debug("client-side caching off: %s", exc)
+        self._tracking_changed()
+
+    async def _target_now(self) -> PipeTarget:
+        if self.endpoint.kind is Kind.SENTINEL:
+            target: PipeTarget = await self.endpoint.locator().target()
+            return target
+        return self.endpoint.pipe_target()
+
+    def refresh_records(self, refreshes: Mapping[int, list[tuple[bytes, str, int]]], now: int) -> None:
+        """Write behind: extend the expiry of records answered from the cache (``refresh.lua``,
+        one call per bucket, all in one write; failures only cost the records some TTL)."""
+        for bucket, items in refreshes.items():
+            args: list[bytes | str | int] = [now]
+            for cid, node, expiry in items:
+                args += [cid, node, expiry]
+            key = self.keys.owners(bucket)
+            data = encode_command((b"EVALSHA", self.refresh_script.sha, 1, key, *args))
+            self._pipe.submit(data, self._refreshed, self._timeout * 4, key=key)
+
+    def _refreshed(self, value: Any, exc: BaseException | None) -> None:
+        if isinstance(exc, NoScriptError):
+            self._spawn(self._load(self.refresh_script))
+        elif exc is not None:
+            log.debug("write-behind refresh failed: %s", exc)
+
+    async def _load(self, script: Script) -> None:
+        try:
+            await self._pipe.execute("SCRIPT", "LOAD", script.source, timeout=self._timeout * 4)
+        except Exception as exc:
+            log.debug("loading %s failed: %s", script.name, exc)
 
     async def _eval(self, script: Script, keys: list[bytes], args: list[Any], left: Any) -> Any:
         pipe, key = self._pipe, keys[0]  # every key of one call shares a slot: the first routes it
@@ -444,6 +749,11 @@ class RedisStore:
             await pool.disconnect(inuse_connections=False)
 
     async def close(self) -> None:
+        if self._refresh_timer is not None:
+            self._refresh_timer.cancel()
+            self._flush_refreshes()
+        for tracker in self._trackers.values():
+            await tracker.close()
         await self._pipe.close()
         await self._redis.aclose()
 

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 
 import pytest
 import redis.exceptions
 
 from agent.affinity import AffinityEngine, FallbackCause
 from agent.breaker import Breaker
+from agent.cache import OwnerCache
 from agent.config import Config, NodeConfig
 from agent.logs import RateLimiter
 from agent.model import How
 from agent.request import ConnectRequest
 from agent.rules import NodeOverrides
+from agent.store import Answer
 
 LOGGER = "mqtt_affinity.redis"
 
@@ -35,14 +36,6 @@ class FakeClock:
         await asyncio.sleep(0)
 
 
-@dataclass
-class Answer:
-    node: str | None
-    how: How
-    previous: str | None = None
-    pin_ignored: str | None = None
-
-
 class FakeStore:
     """Plays Redis: ``error`` (an exception instance) makes every call fail with it."""
 
@@ -51,14 +44,25 @@ class FakeStore:
         self.decides = 0
         self.pings = 0
         self.resets = 0
+        self.cache = OwnerCache(1, 0)  # no client-side cache
 
-    async def decide(self, cid: bytes, *, persistent: bool, candidate: str | None, ttl: int | None, now: int,
-                     usable: Iterable[str], evacuating: Mapping[str, int] | None = None,
-                     waiting: Iterable[str] = (), by: str = "", timeout: float | None = None) -> Answer:
+    def bucket(self, cid: bytes) -> int:
+        return 0
+
+    def prepare(self, usable: Iterable[str], evacuating: Mapping[str, int], waiting: Iterable[str]) -> object:
+        return (frozenset(usable), dict(evacuating), frozenset(waiting))
+
+    def queue_refresh(self, cid: bytes, bucket: int, node: str, expiry: int) -> None:
+        raise AssertionError("no cache, no refresh")
+
+    def submit(self, cid: bytes, *, persistent: bool, candidate: str | None, ttl: int, now: int, node_args: object,
+               by: str, callback: Callable[[Answer | None, BaseException | None], None],
+               timeout: float | None) -> None:
         self.decides += 1
-        if self.error is not None:
-            raise self.error
-        return Answer(candidate, How.ASSIGNED)
+        error = self.error
+        answer = Answer(candidate, How.ASSIGNED, None, None, candidate or "", 0, "", 0)
+        # As Redis would: the answer comes back from the read path, later.
+        asyncio.get_running_loop().call_soon(callback, None if error else answer, error)
 
     async def ping(self) -> None:
         self.pings += 1
