@@ -102,6 +102,13 @@ class Config:
     #: SPOP connections served at once; past it new ones are closed at once (HAProxy opens
     #: ~70 per balancer under load, so the default leaves room for a dozen balancers).
     max_connections: int = 1024
+    #: Seconds a new SPOP connection may take to send its HELLO; then AGENT-DISCONNECT
+    #: (status 2, timeout) and close. HAProxy sends it at once (its own `timeout hello`).
+    hello_timeout: float = 5.0
+    #: On SIGTERM/SIGINT: seconds of failing HAProxy's health checks while still serving,
+    #: so every HAProxy marks this agent DOWN and moves to another agent before it
+    #: disconnects. 0 = no drain. See drain_period in README.md for how to size it.
+    drain_period: float = 3.0
     health: HealthConfig = HealthConfig()
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
@@ -148,6 +155,8 @@ _TOP_KEYS = frozenset(
         "max_in_flight",
         "max_frame_size",
         "max_connections",
+        "hello_timeout",
+        "drain_period",
         "health",
         "log_level",
         "log_format",
@@ -382,6 +391,10 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         kw["redis_timeout"] = _get_number(data["redis_timeout"], "redis_timeout", 0.0, 10.0, lo_open=True)
     if "state_refresh" in data:
         kw["state_refresh"] = _get_number(data["state_refresh"], "state_refresh", 0.01, 60.0)
+    if "hello_timeout" in data:
+        kw["hello_timeout"] = _get_number(data["hello_timeout"], "hello_timeout", 0.0, 300.0, lo_open=True)
+    if "drain_period" in data:
+        kw["drain_period"] = _get_number(data["drain_period"], "drain_period", 0.0, 600.0)
 
     if "health" in data:
         kw["health"] = _parse_health(data["health"])
