@@ -9,6 +9,8 @@ demo (``scripts/demo.py``); not part of the wheel. Modules:
   ``devstack.agents``: the real processes (and the agent YAML writer);
 - ``devstack.stack``: ``Stack``, the topology builder (Redis, brokers, agents, balancers);
 - ``devstack.mqtt``: raw CONNECT/CONNACK over sockets, for load;
+- ``devstack.scenario``: an open-loop CONNECT load and the accounting of a failure scenario
+  (HAProxy logs joined with the Redis records);
 - ``devstack.paho_client``: paho-mqtt clients (imported on demand: it needs paho-mqtt).
 """
 
