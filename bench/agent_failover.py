@@ -7,6 +7,8 @@ load (devstack.scenario.OpenLoopLoad) sends persistent CONNECTs at --rate per se
 
   kill:  SIGKILLed at 3 s and started again 7 s later;
   term:  sent SIGTERM at 3 s, and started again as soon as it has exited (a restart);
+  stop:  sent SIGSTOP at 3 s (a wedged agent: connections accepted, nothing answered) and
+         SIGCONT 7 s later;
   steady: nothing (the cost of the configuration when all is well).
 
 Afterwards every CONNECT is joined with its HAProxy log line and its id's Redis record
@@ -29,6 +31,7 @@ import dataclasses
 import json
 import platform
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -125,18 +128,20 @@ VARIANTS = {v.name: v for v in [
                 f'    server spoa2 "${{SPOA_PEER_ADDR}}" {CHK} {OBS} weight 1\n',
                 "    retries 1\n    option redispatch 1\n", connect="100ms"),
             RETRY2_CALL, True, {"drain_period": 0}),
-    Variant("retries0+retry2", "as backup+observe+retry2 with retries 0 (timeout connect 1s)",
+    Variant("retries0+retry2", "as backup+observe+retry2 with retries 0 (timeout connect 1s): shipped, "
+            "except that both calls asked again go through be_spoa (own agent first)",
             _be(f'    server spoa1 "${{SPOA_ADDR}}" {CHK} {OBS}\n'
                 f'    server spoa2 "${{SPOA_PEER_ADDR}}" {CHK} {OBS} backup\n',
                 "    retries 0\n"),
             RETRY2_CALL, True, {"drain_period": 0}),
-    Variant("shipped", "haproxy/haproxy.cfg and spoe-mqtt.conf as they are, agents' default drain_period",
+    Variant("shipped", "haproxy/haproxy.cfg and spoe-mqtt.conf as they are (retries0+retry2, the first call "
+            "asked again through be_spoa_peer: peer agent first), agents' default drain_period",
             agent={"drain_period": None}),
     Variant("shipped-weights", "shipped, with the peer agent as a second active server (weights 100/1), not backup",
             agent={"drain_period": None},
-            subst=(('server spoa1 "${SPOA_ADDR-127.0.0.1:12345}"',
-                    'server spoa1 "${SPOA_ADDR-127.0.0.1:12345}" weight 100'),
-                   ('server spoa2 "${SPOA_PEER_ADDR}" backup', 'server spoa2 "${SPOA_PEER_ADDR}" weight 1'))),
+            subst=(('    server spoa1 "${SPOA_ADDR-127.0.0.1:12345}"\n',
+                    '    server spoa1 "${SPOA_ADDR-127.0.0.1:12345}" weight 100\n'),
+                   ('    server spoa2 "${SPOA_PEER_ADDR}" backup\n', '    server spoa2 "${SPOA_PEER_ADDR}" weight 1\n'))),
 ]}
 
 
@@ -144,9 +149,11 @@ def build_configs(variant: Variant, workdir: Path) -> tuple[Path, Path]:
     cfg = HAPROXY_CFG.read_text()
     spoe = SPOE_CONF.read_text()
     if variant.be_spoa is not None:
+        # The variants predate the second engine (mqtt-router-peer, backend be_spoa_peer).
         head, sep, _ = cfg.partition("\nbackend be_spoa\n")
         assert sep, "haproxy.cfg has no be_spoa section"
         cfg = head + "\n" + variant.be_spoa
+        cfg = "".join(line for line in cfg.splitlines(keepends=True) if "engine mqtt-router-peer" not in line)
     if variant.calls is not None:
         lines = cfg.splitlines(keepends=True)
         calls = [i for i, line in enumerate(lines) if "send-spoe-group" in line or "txn.spoe_err" in line]
@@ -194,6 +201,10 @@ def run_one(version: str, variant: Variant, scenario: str, *, rate: float, ids: 
         if scenario == "kill":
             load = OpenLoopLoad(ports, pool, rate=rate, duration=15.0)
             actions = [(3.0, "SIGKILL agent ha1", a1.kill), (10.0, "start agent ha1", restart)]
+        elif scenario == "stop":
+            load = OpenLoopLoad(ports, pool, rate=rate, duration=15.0)
+            actions = [(3.0, "SIGSTOP agent ha1", lambda: a1.send_signal(signal.SIGSTOP)),
+                       (10.0, "SIGCONT agent ha1", lambda: a1.send_signal(signal.SIGCONT))]
         elif scenario == "steady":
             load = OpenLoopLoad(ports, pool, rate=rate, duration=12.0)
             actions = []
