@@ -135,13 +135,15 @@ VARIANTS = {v.name: v for v in [
                 "    retries 0\n"),
             RETRY2_CALL, True, {"drain_period": 0}),
     Variant("shipped", "haproxy/haproxy.cfg and spoe-mqtt.conf as they are (retries0+retry2, the first call "
-            "asked again through be_spoa_peer: peer agent first), agents' default drain_period",
+            "asked again through be_spoa_peer: peer agent first, also after a timeout; timeout check 250ms), "
+            "agents' default drain_period",
             agent={"drain_period": None}),
     Variant("shipped-weights", "shipped, with the peer agent as a second active server (weights 100/1), not backup",
             agent={"drain_period": None},
             subst=(('    server spoa1 "${SPOA_ADDR-127.0.0.1:12345}"\n',
                     '    server spoa1 "${SPOA_ADDR-127.0.0.1:12345}" weight 100\n'),
-                   ('    server spoa2 "${SPOA_PEER_ADDR}" backup\n', '    server spoa2 "${SPOA_PEER_ADDR}" weight 1\n'))),
+                   ('    server spoa2 "${SPOA_PEER_ADDR}" backup\n',
+                    '    server spoa2 "${SPOA_PEER_ADDR}" weight 1\n'))),
 ]}
 
 

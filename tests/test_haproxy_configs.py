@@ -57,10 +57,13 @@ def test_the_peer_agent_is_a_backup_only_when_given(haproxy_version, haproxy_fac
         other.kill()
 
 
-def test_a_call_lost_with_its_agent_connection_is_asked_again(haproxy_version, haproxy_factory, brokers, tmp_workdir):
-    """The first NOTIFY for this id dies with its connection (the agent closes it unanswered):
-    HAProxy asks again (err1 >= 256 logged) and routes on the second answer."""
-    spoa = MiniSpoa("node2", workdir=tmp_workdir("mini-spoa"), drop_once=b"asked-twice").start()
+@pytest.mark.parametrize("fate", ["drop", "stall"])
+def test_a_failed_call_is_asked_again(haproxy_version, haproxy_factory, brokers, tmp_workdir, fate):
+    """The first NOTIFY for this id dies with its connection (drop: the agent closes it
+    unanswered, err1 >= 256) or is never answered (stall: err1 = 1, `timeout processing`):
+    HAProxy asks again and routes on the second answer."""
+    kw = {"drop_once" if fate == "drop" else "stall_once": b"asked-twice"}
+    spoa = MiniSpoa("node2", workdir=tmp_workdir("mini-spoa"), **kw).start()
     try:
         env = _env(brokers, spoa_port=spoa.port)
         ha = haproxy_factory(HAPROXY_CFG, env)
@@ -69,7 +72,8 @@ def test_a_call_lost_with_its_agent_connection_is_asked_again(haproxy_version, h
         port = int(env["MQTT_BIND"].rsplit(":", 1)[1])
         assert connect_once(port, "asked-twice").ok
         line = ha.wait_log(lambda d: d["cid"] == "asked-twice")
-        assert line["err1"] not in (None, "-") and int(line["err1"]) >= 256, line  # the first call failed
+        assert line["err1"] not in (None, "-"), line  # the first call failed ...
+        assert int(line["err1"]) >= 256 if fate == "drop" else line["err1"] == "1", line  # ... for this reason
         assert (line["err"], line["err2"], line["how"], line["server"]) == ("-", "-", "mini", "node2"), line
         assert [m["args"]["client_id"][1] for m in spoa.messages()].count(b"asked-twice".hex()) == 2
     finally:
