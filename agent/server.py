@@ -53,7 +53,8 @@ from agent.spop import (
 log = logging.getLogger("mqtt_affinity.spop")
 
 #: The answer to a health-check HELLO while draining. HAProxy's spop-check counts any
-#: AGENT-DISCONNECT as a failed check; 2.6 logs the status's text, 3.1+ the message.
+#: AGENT-DISCONNECT as a failed check: 2.6 logs the status's text ("normal"); 3.2 reads the
+#: frame as a bad AGENT-HELLO ("version value not found"), a failed check all the same.
 DRAIN_STATUS = Status.NORMAL
 DRAIN_MESSAGE = "draining: the agent is shutting down"
 
