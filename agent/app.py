@@ -2,7 +2,11 @@
 
 Order matters on both ends. Health probes run one round before the SPOP port
 opens, so the first decision already knows which brokers are down. On SIGTERM
-the SPOP server finishes in-flight NOTIFYs before Redis is closed under it.
+(or SIGINT) the agent first drains for ``drain_period`` seconds: it fails
+HAProxy's health checks while still answering every NOTIFY, so each HAProxy
+marks it DOWN and moves its new work to another agent; a second SIGTERM/SIGINT
+ends the drain at once. Then the SPOP server stops accepting, finishes
+in-flight NOTIFYs and says AGENT-DISCONNECT, before Redis is closed under it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ log = logging.getLogger("mqtt_affinity")
 RESTART_ONLY = (
     "listen", "metrics_listen", "redis_url", "key_prefix", "redis_pool_size", "max_frame_size",
     "max_in_flight", "max_connections", "health",
-)
+)  # hello_timeout applies to connections opened after a reload; drain_period is read at SIGTERM
 
 
 class App:
@@ -56,6 +60,7 @@ class App:
             max_in_flight=config.max_in_flight,
             max_frame_size=config.max_frame_size,
             max_connections=config.max_connections,
+            hello_timeout=config.hello_timeout,
             observer=SpopMetricsObserver(self.metrics),
         )
         self.http: HttpEndpoint | None = None
@@ -63,10 +68,13 @@ class App:
             host, port = config.metrics_listen
             self.http = HttpEndpoint(host, port, self.render_metrics, self.ready)
         self._stop = asyncio.Event()
+        self._cut_drain = asyncio.Event()
 
     # -- readiness and metrics -------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
+        if self.server.draining:
+            return False, "draining: shutting down"
         if not self.server.listening:
             return False, "spop: not listening"
         if not self.breaker.available:
@@ -86,15 +94,34 @@ class App:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await self.start()
             await self._stop.wait()
+            await self.drain()
             log.info("stopping: finishing in-flight requests")
         finally:
             await self.stop()
         return 0
+
+    async def drain(self) -> None:
+        """Fail HAProxy's health checks for ``drain_period`` while serving everything.
+
+        Ends early on a second stop request. HAProxy needs `fall` failed checks to mark the
+        agent DOWN (about inter + (fall-1) x fastinter); until then it still sends work here.
+        """
+        period = self.config.drain_period
+        if period <= 0 or self._cut_drain.is_set():
+            return
+        log.info("draining for %gs: failing HAProxy's health checks, still answering "
+                 "(a second SIGTERM stops at once)", period)
+        self.server.begin_drain()
+        try:
+            await asyncio.wait_for(self._cut_drain.wait(), period)
+            log.info("drain cut short by a second stop signal")
+        except TimeoutError:
+            pass
 
     async def start(self) -> None:
         await self.health.start()
@@ -118,6 +145,9 @@ class App:
         log.info("stopped")
 
     def request_stop(self) -> None:
+        """SIGTERM/SIGINT: the first starts the drain, the next one ends it."""
+        if self._stop.is_set():
+            self._cut_drain.set()
         self._stop.set()
 
     # -- reload ------------------------------------------------------------------
@@ -141,6 +171,7 @@ class App:
         # against what really runs).
         new = dataclasses.replace(new, **kept)
         self.health.update_nodes(new.nodes)
+        self.server.hello_timeout = new.hello_timeout
         self.core.reload(new)
         self.metrics.bind_nodes(n.name for n in new.nodes)
         setup_logging(new.log_level, new.log_format)

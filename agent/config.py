@@ -120,6 +120,13 @@ class Config:
     #: SPOP connections served at once; past it new ones are closed at once (HAProxy opens
     #: ~70 per balancer under load, so the default leaves room for a dozen balancers).
     max_connections: int = 1024
+    #: Seconds a new SPOP connection may take to send its HELLO; then AGENT-DISCONNECT
+    #: (status 2, timeout) and close. HAProxy sends it at once (its own `timeout hello`).
+    hello_timeout: float = 5.0
+    #: On SIGTERM/SIGINT: seconds of failing HAProxy's health checks while still serving,
+    #: so every HAProxy marks this agent DOWN and moves to another agent before it
+    #: disconnects. 0 = no drain. See drain_period in README.md for how to size it.
+    drain_period: float = 3.0
     health: HealthConfig = HealthConfig()
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
@@ -173,6 +180,8 @@ _TOP_KEYS = frozenset(
         "decision_batch",
         "cache_size",
         "failover_journal",
+        "hello_timeout",
+        "drain_period",
         "health",
         "log_level",
         "log_format",
@@ -420,6 +429,10 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         kw["owner_down_grace"] = _get_number(data["owner_down_grace"], "owner_down_grace", 0.0, 86400.0)
     if "state_refresh" in data:
         kw["state_refresh"] = _get_number(data["state_refresh"], "state_refresh", 0.01, 60.0)
+    if "hello_timeout" in data:
+        kw["hello_timeout"] = _get_number(data["hello_timeout"], "hello_timeout", 0.0, 300.0, lo_open=True)
+    if "drain_period" in data:
+        kw["drain_period"] = _get_number(data["drain_period"], "drain_period", 0.0, 600.0)
 
     if "health" in data:
         kw["health"] = _parse_health(data["health"])

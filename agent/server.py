@@ -13,8 +13,16 @@ This module only moves bytes and tasks: every protocol decision lives in
 * Whole frames. Every frame the codec produces goes to the transport in one
   ``write()``; frames finished in the same loop iteration are coalesced into
   one write (never split). HAProxy 3.2 resets connections on split frames.
-* Graceful stop. ``shutdown()`` stops accepting, lets in-flight NOTIFYs finish,
-  then says AGENT-DISCONNECT to every peer.
+* Bounded connections. At most ``max_connections`` are served; a connection
+  that has not completed its HELLO within ``hello_timeout`` seconds gets an
+  AGENT-DISCONNECT with status 2 (timeout) and is closed, and when
+  ``max_connections`` are open a new connection takes the place of the oldest
+  one still waiting for its HELLO (only when none is waiting is it refused).
+* Graceful stop. ``begin_drain()`` answers HAProxy's health checks with an
+  AGENT-DISCONNECT (so it marks the agent DOWN and sends its new work to
+  another agent) while every connection is still served; ``shutdown()`` then
+  stops accepting, lets in-flight NOTIFYs finish, and says AGENT-DISCONNECT to
+  every peer.
 """
 
 from __future__ import annotations
@@ -43,6 +51,12 @@ from agent.spop import (
 )
 
 log = logging.getLogger("mqtt_affinity.spop")
+
+#: The answer to a health-check HELLO while draining. HAProxy's spop-check counts any
+#: AGENT-DISCONNECT as a failed check: 2.6 logs the status's text ("normal"); 3.2 reads the
+#: frame as a bad AGENT-HELLO ("version value not found"), a failed check all the same.
+DRAIN_STATUS = Status.NORMAL
+DRAIN_MESSAGE = "draining: the agent is shutting down"
 
 
 class Dispatcher(Protocol):
@@ -90,7 +104,9 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._write_paused = False
         self._closing = False
-        self._drained = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._drained = loop.create_future()
+        self._hello_timer: asyncio.TimerHandle | None = None
         self.peer = "?"
 
     # -- asyncio callbacks -------------------------------------------------
@@ -102,7 +118,7 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
         server = self._server
-        if len(server._connections) >= server.max_connections:
+        if len(server._connections) >= server.max_connections and not server._evict_one_awaiting_hello():
             server.refused += 1
             warn_limited(log, "max-connections",
                          "max_connections (%d) reached: closing the new SPOP connection from %s",
@@ -111,9 +127,13 @@ class _SpopProtocol(asyncio.BufferedProtocol):
             self._transport.abort()
             return
         server._connections.add(self)
-        self._server.observer.connection_opened()
-        if self._server.stopping:
+        server.observer.connection_opened()
+        if server.stopping:
             self._disconnect(Status.NORMAL, "agent is shutting down")
+            return
+        server._awaiting_hello[self] = None
+        if server.hello_timeout is not None:
+            self._hello_timer = asyncio.get_running_loop().call_later(server.hello_timeout, self._hello_expired)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # Never more than the codec can hold: a peer cannot make us buffer
@@ -138,6 +158,7 @@ class _SpopProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn.state is not State.CLOSED:
             self._conn.receive_data(b"")  # EOF never raises
+        self._hello_done()
         self._abort_work()
         if self in self._server._connections:
             self._server._connections.discard(self)
@@ -166,9 +187,16 @@ class _SpopProtocol(asyncio.BufferedProtocol):
                 self._pending.append(event)
         elif isinstance(event, Hello):
             obs.frame_received("hello")
+            self._hello_done()
+            if event.healthcheck:
+                obs.healthcheck()
+                if self._server.draining:
+                    # HAProxy counts an AGENT-DISCONNECT answer as a failed check: after
+                    # `fall` of them it marks this agent DOWN and asks another one.
+                    self._disconnect(DRAIN_STATUS, DRAIN_MESSAGE)
+                    return
             self._write(self._conn.send(AgentHello()), "hello")
             if event.healthcheck or self._conn.state is State.CLOSED:
-                obs.healthcheck()
                 self._close_transport()
         elif isinstance(event, Disconnect):
             obs.frame_received("disconnect")
@@ -264,6 +292,31 @@ class _SpopProtocol(asyncio.BufferedProtocol):
             transport.resume_reading()
             self._reading_paused = False
 
+    # -- HELLO deadline ---------------------------------------------------------
+
+    def _hello_done(self) -> None:
+        """The HELLO arrived (or the connection is gone): no deadline, not evictable."""
+        self._server._awaiting_hello.pop(self, None)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+
+    def _hello_expired(self) -> None:
+        self._hello_timer = None
+        if self._conn.state is not State.AWAIT_HELLO:
+            return
+        self._server.hello_timeouts += 1
+        warn_limited(log, "hello-timeout", "SPOP connection from %s sent no HELLO within %gs: closing it",
+                     self.peer, self._server.hello_timeout)
+        self._disconnect(Status.TIMEOUT, "no HAPROXY-HELLO in time")
+
+    def evict(self) -> None:
+        """Make room for a new connection (this one is still waiting for its HELLO)."""
+        self._server.evicted += 1
+        warn_limited(log, "hello-evicted", "max_connections (%d) reached: closing %s, the oldest connection "
+                     "still without a HELLO", self._server.max_connections, self.peer)
+        self._disconnect(Status.RESOURCE_ALLOCATION, "max_connections reached")
+
     # -- errors and shutdown --------------------------------------------------
 
     def _protocol_error(self, exc: ProtocolError) -> None:
@@ -273,12 +326,17 @@ class _SpopProtocol(asyncio.BufferedProtocol):
 
     def _disconnect(self, status: Status, reason: str) -> None:
         self._server.observer.disconnect("agent", int(status))
+        self._hello_done()
         self._abort_work()
         try:
             self._write(self._conn.send(AgentDisconnect(status, reason)), "disconnect")
         except LocalProtocolError:
             pass
         self._close_transport()
+        # Out of the count at once: a closing connection no longer holds a slot.
+        if self in self._server._connections:
+            self._server._connections.discard(self)
+            self._server.observer.connection_closed()
 
     def _abort_work(self) -> None:
         self._pending.clear()
@@ -324,6 +382,7 @@ class SpopServer:
         max_in_flight: int = 64,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_connections: int = 1024,
+        hello_timeout: float | None = 5.0,
         observer: ServerObserver | None = None,
         backlog: int = 1024,
     ) -> None:
@@ -333,15 +392,25 @@ class SpopServer:
         self.max_in_flight = max_in_flight
         self.max_frame_size = max_frame_size
         self.max_connections = max_connections
+        #: Seconds a new connection may take to send its HAPROXY-HELLO (None: no limit).
+        self.hello_timeout = hello_timeout
         #: Connections closed at once because max_connections were open.
         self.refused = 0
+        #: Connections closed because their HELLO did not arrive within hello_timeout.
+        self.hello_timeouts = 0
+        #: Connections without a HELLO closed to make room for a new one at max_connections.
+        self.evicted = 0
         # The one read buffer (see the module docstring): 4-byte length prefix + one frame.
         self._read_view = memoryview(bytearray(4 + max_frame_size))
         self.observer: ServerObserver = observer or NullObserver()
         self.backlog = backlog
         self.stopping = False
+        #: Health checks are failed (see begin_drain); everything else is served.
+        self.draining = False
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_SpopProtocol] = set()
+        # Connections still waiting for their HELLO, oldest first (a dict keeps insertion order).
+        self._awaiting_hello: dict[_SpopProtocol, None] = {}
 
     @property
     def listening(self) -> bool:
@@ -364,6 +433,22 @@ class SpopServer:
         )
         if self.port == 0:
             self.port = self.sockets[0][1]
+
+    def _evict_one_awaiting_hello(self) -> bool:
+        """Close the oldest connection still without a HELLO; False if there is none."""
+        oldest = next(iter(self._awaiting_hello), None)
+        if oldest is None:
+            return False
+        oldest.evict()
+        return True
+
+    def begin_drain(self) -> None:
+        """Fail HAProxy's health checks from now on, keep serving every connection.
+
+        HAProxy marks the agent DOWN after `fall` failed checks and opens its new SPOE
+        connections (3.1+: sends its new NOTIFY streams) to another agent of the backend.
+        """
+        self.draining = True
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop accepting, finish in-flight work for up to ``grace`` seconds, disconnect everyone."""

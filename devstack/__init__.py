@@ -10,6 +10,8 @@ demo (``scripts/demo.py``); not part of the wheel. Modules:
 - ``devstack.stack``: ``Stack``, the topology builder (Redis, brokers, agents, balancers);
 - ``devstack.mqtt``: raw CONNECT/CONNACK over sockets, for load;
 - ``devstack.records``: read and write the agents' Redis records as the agents do;
+- ``devstack.scenario``: an open-loop CONNECT load and the accounting of a failure scenario
+  (HAProxy logs joined with the Redis records);
 - ``devstack.paho_client``: paho-mqtt clients (imported on demand: it needs paho-mqtt).
 """
 

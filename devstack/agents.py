@@ -13,12 +13,16 @@ from pathlib import Path
 from devstack.procs import REPO_ROOT, ManagedProcess, ToolMissing, port_open, wait_until
 
 #: What every generated agent config says unless overridden: fast health checks and state
-#: refresh, so a test sees a broker go down or an operator change within a second.
+#: refresh, so a test sees a broker go down or an operator change within a second; no
+#: SIGTERM drain (a stack stops its balancers before its agents, so a drain would only add
+#: seconds to every teardown: scenarios that restart an agent under load pass
+#: ``overrides={"drain_period": None}`` to get the agent's default).
 AGENT_DEFAULTS: dict[str, object] = {
     "session_ttl": 3600,
     "redis_timeout": 0.25,
     "state_refresh": 0.2,
     "health": {"check": "tcp", "interval": 0.3, "timeout": 0.25, "rise": 2, "fall": 2},
+    "drain_period": 0,
     "log_level": "info",
     # Scenarios of a dead broker expect its clients to move at once; the restart-grace
     # scenarios set their own.

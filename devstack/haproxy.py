@@ -93,8 +93,9 @@ def haproxy_env(
 
     ``broker_addrs``: exactly three "host:port" (node1..node3). The agents: ``spoa_addrs``
     ("host:port", in order) or ``spoa_port`` (one agent on 127.0.0.1); with neither, a free
-    port nobody listens on (the agent is then DOWN). The first agent is ``SPOA_ADDR``, the
-    ones after it ``SPOA2_ADDR``, ``SPOA3_ADDR``... (haproxy.cfg reads only SPOA_ADDR today).
+    port nobody listens on (the agent is then DOWN). The first agent is ``SPOA_ADDR`` (the
+    balancer's own), the second ``SPOA_PEER_ADDR`` (haproxy.cfg's backup agent), any after
+    them ``SPOA_PEER2_ADDR``, ``SPOA_PEER3_ADDR``... (for configs with more backup lines).
     The stats socket is added by ``HAProxy`` itself.
     """
     addrs = list(broker_addrs)
@@ -111,8 +112,8 @@ def haproxy_env(
         "SPOE_CONF": str(spoe_conf),
         "BALANCER_NAME": balancer_name,
     }
-    for i, addr in enumerate(agents, start=1):
-        env["SPOA_ADDR" if i == 1 else f"SPOA{i}_ADDR"] = addr
+    for i, addr in enumerate(agents):
+        env["SPOA_ADDR" if i == 0 else "SPOA_PEER_ADDR" if i == 1 else f"SPOA_PEER{i}_ADDR"] = addr
     env.update(extra or {})
     return env
 
@@ -122,7 +123,7 @@ _LOG_RE = re.compile(
     r"bal=(?P<balancer>\S*) (?P<client_ip>\S+):(?P<client_port>\d+) \[(?P<time>[^\]]*)\] "
     r"(?P<frontend>\S+) (?P<backend>[^/\s]+)/(?P<server>\S+) (?P<timers>\S+) (?P<bytes>\S+) "
     r"(?P<termination>\S+) cid=(?P<cid>\S*) node=(?P<node>\S*) how=(?P<how>\S*) "
-    r"err=(?P<err>\S*) ptime=(?P<ptime>\S*)"
+    r"err=(?P<err>\S*) ptime=(?P<ptime>\S*)(?: err1=(?P<err1>\S*))?(?: err2=(?P<err2>\S*))?"
 )
 
 
@@ -130,7 +131,8 @@ def parse_log_line(line: str) -> dict[str, str] | None:
     """Fields of one HAProxy traffic log line, or None for other lines.
 
     Keys: balancer client_ip client_port time frontend backend server timers bytes
-    termination cid node how err ptime. HAProxy writes "-" for an unset variable.
+    termination cid node how err ptime err1 err2 (the errors of agent calls that were asked
+    again; None in a log-format without them). HAProxy writes "-" for an unset variable.
     """
     m = _LOG_RE.search(line)
     return m.groupdict() if m else None

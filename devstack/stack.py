@@ -1,9 +1,11 @@
 """The whole product on one machine: Redis, N brokers, agents and N balancers.
 
 A balancer is one HAProxy running the shipped haproxy.cfg; by default each has its own
-agent, as in a real HA pair, and they share nothing but Redis. Agents and balancers are
+agent, as in a real HA pair, and the agents share nothing but Redis. ``start()`` builds the
+shipped deployment shape: each balancer asks its own agent and has the next balancer's
+agent as backup (a ring: ha1 -> ha2's agent, ha2 -> ha1's). Agents and balancers are
 started separately (``start_agent``, ``start_balancer``), so a balancer can be given any
-list of agents (its own first): HAProxy gets their addresses as SPOA_ADDR, SPOA2_ADDR, ...
+list of agents (its own first): HAProxy gets their addresses as SPOA_ADDR, SPOA_PEER_ADDR, ...
 
     with Stack("3.2", workdir=path) as stack:     # close() on exit stops what it started
         stack.start(balancers=2)                  # Redis, node1..node3, ha1/ha2 + their agents
@@ -229,7 +231,8 @@ class Stack:
 
     def start(self, balancers: int = 2) -> Stack:
         """Everything missing: Redis, the brokers, then ``balancers`` agents ha1..haN and
-        their HAProxy; returns once every HAProxy sees brokers and agent UP. Stops what it
+        their HAProxy, each asking its own agent first and the next one's as backup (with
+        two or more); returns once every HAProxy sees brokers and agents UP. Stops what it
         started if that fails."""
         try:
             if self.redis is None and self._redis_url is None:
@@ -238,8 +241,11 @@ class Stack:
             names = [f"ha{i}" for i in range(1, balancers + 1)]
             for name in names:
                 self.start_agent(name)
-            for name in names:
-                self.start_balancer(name)
+            for i, name in enumerate(names):
+                ring = [self.agents[name]]
+                if balancers > 1:
+                    ring.append(self.agents[names[(i + 1) % balancers]])
+                self.start_balancer(name, agents=ring)
             self.wait_ready()
         except BaseException:
             self.close()

@@ -91,6 +91,8 @@ def test_full_config_round_trip() -> None:
             evacuate_rate=5,
             max_in_flight=8,
             max_frame_size=4096,
+            hello_timeout=1.5,
+            drain_period=0,
             health={"check": "mqtt", "interval": 2, "timeout": 1, "rise": 3, "fall": 1},
             log_level="DEBUG",
             log_format="json",
@@ -101,6 +103,7 @@ def test_full_config_round_trip() -> None:
     assert cfg.health == HealthConfig("mqtt", 2.0, 1.0, 3, 1)
     assert cfg.log_level == "debug"
     assert (cfg.session_ttl, cfg.redis_pool_size, cfg.max_frame_size) == (60, 4, 4096)
+    assert (cfg.hello_timeout, cfg.drain_period) == (1.5, 0.0)
 
 
 def test_metrics_listen_null_disables() -> None:
@@ -188,6 +191,10 @@ def test_bad_redis_url_error_does_not_leak_password() -> None:
         (cfg_with(evacuate_rate=0), "evacuate_rate", "between 1"),
         (cfg_with(max_in_flight=1025), "max_in_flight", "between 1 and 1024"),
         (cfg_with(max_frame_size=255), "max_frame_size", "between 256"),
+        (cfg_with(hello_timeout=0), "hello_timeout", "greater than 0"),
+        (cfg_with(hello_timeout="5s"), "hello_timeout", "number"),
+        (cfg_with(drain_period=-1), "drain_period", "at least 0"),
+        (cfg_with(drain_period=601), "drain_period", "at most 600"),
         (cfg_with(health="tcp"), "health", "mapping"),
         (cfg_with(health={"check": "http"}), "health.check", "'tcp' or 'mqtt'"),
         (cfg_with(health={"interval": 0}), "health.interval", "at least"),

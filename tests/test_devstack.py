@@ -28,8 +28,9 @@ def test_free_ports_are_below_the_ephemeral_range_and_not_repeated():
 
 def test_haproxy_env_carries_several_agents():
     brokers = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
-    env = haproxy_env(mqtt_port=5, broker_addrs=brokers, spoa_addrs=["127.0.0.1:7", "127.0.0.1:8"])
-    assert (env["SPOA_ADDR"], env["SPOA2_ADDR"]) == ("127.0.0.1:7", "127.0.0.1:8")
+    env = haproxy_env(mqtt_port=5, broker_addrs=brokers, spoa_addrs=["127.0.0.1:7", "127.0.0.1:8", "127.0.0.1:6"])
+    assert (env["SPOA_ADDR"], env["SPOA_PEER_ADDR"], env["SPOA_PEER2_ADDR"]) == (
+        "127.0.0.1:7", "127.0.0.1:8", "127.0.0.1:6")
     assert haproxy_env(mqtt_port=5, broker_addrs=brokers, spoa_port=9)["SPOA_ADDR"] == "127.0.0.1:9"
     with pytest.raises(ValueError):
         haproxy_env(mqtt_port=5, broker_addrs=brokers, spoa_port=9, spoa_addrs=["127.0.0.1:7"])

@@ -26,11 +26,58 @@ def _env(brokers, **kw):
 
 
 @pytest.mark.parametrize("cfg", [HAPROXY_CFG, NATIVE_STICK_CFG], ids=lambda p: p.name)
-def test_shipped_config_is_valid(haproxy_version, cfg, tmp_path):
+@pytest.mark.parametrize("agents", [1, 2], ids=["own-agent", "own+peer-agent"])
+def test_shipped_config_is_valid(haproxy_version, cfg, agents, tmp_path):
     env = haproxy_env(
-        mqtt_port=free_port(), broker_addrs=["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], spoa_port=free_port()
+        mqtt_port=free_port(), broker_addrs=["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"],
+        spoa_addrs=[f"127.0.0.1:{free_port()}" for _ in range(agents)],
     )
     HAProxy(haproxy_version, cfg, env, workdir=tmp_path).check()
+
+
+@pytest.mark.parametrize("peer", [False, True], ids=["no-peer", "peer"])
+def test_the_peer_agent_is_a_backup_only_when_given(haproxy_version, haproxy_factory, brokers, peer):
+    own, other = MiniSpoa("node1").start(), MiniSpoa("node3").start()
+    try:
+        env = _env(brokers, spoa_addrs=[f"127.0.0.1:{own.port}"] + ([f"127.0.0.1:{other.port}"] if peer else []))
+        ha = haproxy_factory(HAPROXY_CFG, env)
+        assert ha.servers("be_spoa") == (["spoa1", "spoa2"] if peer else ["spoa1"])
+        for name in ha.servers("be_spoa"):
+            ha.wait_server_status("be_spoa", name, "UP")
+        rows = {r["svname"]: r for r in ha.stats() if r["pxname"] == "be_spoa"}
+        assert rows["spoa1"]["bck"] == "0"
+        if peer:
+            assert rows["spoa2"]["bck"] == "1"
+        port = int(env["MQTT_BIND"].rsplit(":", 1)[1])
+        assert connect_once(port, "own-first").ok
+        # The own agent answers while it is UP (the backup is never asked).
+        assert ha.wait_log(lambda d: d["cid"] == "own-first")["server"] == "node1"
+    finally:
+        own.kill()
+        other.kill()
+
+
+@pytest.mark.parametrize("fate", ["drop", "stall"])
+def test_a_failed_call_is_asked_again(haproxy_version, haproxy_factory, brokers, tmp_workdir, fate):
+    """The first NOTIFY for this id dies with its connection (drop: the agent closes it
+    unanswered, err1 >= 256) or is never answered (stall: err1 = 1, `timeout processing`):
+    HAProxy asks again and routes on the second answer."""
+    kw = {"drop_once" if fate == "drop" else "stall_once": b"asked-twice"}
+    spoa = MiniSpoa("node2", workdir=tmp_workdir("mini-spoa"), **kw).start()
+    try:
+        env = _env(brokers, spoa_port=spoa.port)
+        ha = haproxy_factory(HAPROXY_CFG, env)
+        ha.wait_server_status("be_mqtt", "node2", "UP")
+        ha.wait_server_status("be_spoa", "spoa1", "UP")
+        port = int(env["MQTT_BIND"].rsplit(":", 1)[1])
+        assert connect_once(port, "asked-twice").ok
+        line = ha.wait_log(lambda d: d["cid"] == "asked-twice")
+        assert line["err1"] not in (None, "-"), line  # the first call failed ...
+        assert int(line["err1"]) >= 256 if fate == "drop" else line["err1"] == "1", line  # ... for this reason
+        assert (line["err"], line["err2"], line["how"], line["server"]) == ("-", "-", "mini", "node2"), line
+        assert [m["args"]["client_id"][1] for m in spoa.messages()].count(b"asked-twice".hex()) == 2
+    finally:
+        spoa.kill()
 
 
 def test_invalid_config_is_reported(haproxy_version, tmp_path):

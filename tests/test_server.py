@@ -386,3 +386,92 @@ def test_an_idle_connection_costs_no_read_buffer():
         await server.shutdown()
 
     run(scenario())
+
+
+def test_a_connection_without_hello_is_closed_with_the_timeout_status():
+    """hello_timeout: half a HELLO (or nothing) gets AGENT-DISCONNECT status 2 and a close;
+    a connection that said HELLO in time is not affected by the deadline."""
+    async def scenario():
+        server, _ = await start(hello_timeout=0.3)
+        served = await Peer.open(server.port)
+        await served.hello()
+        silent = await Peer.open(server.port)
+        half = await Peer.open(server.port)
+        hello = encode_haproxy_hello(capabilities="pipelining")
+        await half.send(hello[: len(hello) // 2])
+        opened = asyncio.get_running_loop().time()
+        for peer in (silent, half):
+            frame = await peer.frame(timeout=5)
+            assert frame.type == FrameType.AGENT_DISCONNECT
+            assert decode_disconnect_payload(frame.payload).status == Status.TIMEOUT
+            assert await peer.closed()
+        # A timer never fires early (asyncio may round by its clock resolution).
+        assert asyncio.get_running_loop().time() - opened >= 0.3 - 0.05
+        assert server.hello_timeouts == 2 and server.connection_count == 1
+        # The connection that completed its HELLO is still served after the deadline passed.
+        await served.send(encode_notify(1, 1, [MSG]))
+        assert (await served.frame()).type == FrameType.ACK
+        served.close()
+        await server.shutdown()
+
+    run(scenario())
+
+
+def test_at_max_connections_the_oldest_connection_without_hello_makes_room():
+    async def scenario():
+        server, _ = await start(max_connections=3, hello_timeout=60)
+        served = await Peer.open(server.port)
+        await served.hello()
+        oldest, newer = await Peer.open(server.port), await Peer.open(server.port)
+        for _ in range(100):
+            if server.connection_count == 3:
+                break
+            await asyncio.sleep(0.01)
+        # A fourth connection: the oldest one still without a HELLO is closed for it.
+        fourth = await Peer.open(server.port)
+        frame = await oldest.frame()
+        assert frame.type == FrameType.AGENT_DISCONNECT
+        assert decode_disconnect_payload(frame.payload).status == Status.RESOURCE_ALLOCATION
+        assert await oldest.closed()
+        assert (await fourth.hello())["version"] == "2.0"
+        assert (await newer.hello())["version"] == "2.0"
+        assert server.evicted == 1 and server.refused == 0
+        # Every slot now holds a connection past its HELLO: the next one is refused.
+        extra = await Peer.open(server.port)
+        assert await extra.closed()
+        assert server.refused == 1
+        for p in (served, newer, fourth):
+            await p.send(encode_notify(1, 1, [MSG]))
+            assert (await p.frame()).type == FrameType.ACK
+            p.close()
+        await server.shutdown()
+
+    run(scenario())
+
+
+def test_draining_fails_health_checks_and_serves_everything_else():
+    async def scenario():
+        server, _ = await start()
+        before = await Peer.open(server.port)
+        await before.hello()
+        server.begin_drain()
+        check = await Peer.open(server.port)
+        await check.send(encode_haproxy_hello(capabilities="", healthcheck=True))
+        frame = await check.frame()
+        # HAProxy's spop-check counts an AGENT-DISCONNECT answer as a failed check.
+        assert frame.type == FrameType.AGENT_DISCONNECT
+        assert "draining" in decode_disconnect_payload(frame.payload).message
+        assert await check.closed()
+        # Existing and new SPOE connections are still served while draining.
+        after = await Peer.open(server.port)
+        await after.hello()
+        for p in (before, after):
+            await p.send(encode_notify(3, 1, [MSG]))
+            assert (await p.frame()).type == FrameType.ACK
+        stopping = asyncio.create_task(server.shutdown(grace=5))
+        for p in (before, after):
+            assert (await p.frame()).type == FrameType.AGENT_DISCONNECT
+            assert await p.closed()
+        await stopping
+
+    run(scenario())

@@ -9,7 +9,10 @@ Run: ``python -m tests.support.mini_spoa --port P --node node2 --record FILE``, 
 ``MiniSpoa`` process class below.
 Every NOTIFY message is appended to FILE as one JSON line
 ``{"message": name, "args": {name: [type_id, value_repr]}}``; each is answered with
-set-var txn.<prefix>.node=<--node> and txn.<prefix>.how="mini".
+set-var txn.<prefix>.node=<--node> and txn.<prefix>.how="mini". ``--drop-once CID``: the
+first NOTIFY carrying that client id is not answered, its connection is closed instead
+(an agent that dies with the request in flight). ``--stall-once CID``: that NOTIFY is never
+answered, the connection stays (a wedged agent).
 """
 
 from __future__ import annotations
@@ -121,7 +124,12 @@ class Handler(socketserver.BaseRequestHandler):
                     )  # fmt: skip
                     self.request.sendall(frame(AGENT_HELLO, 0, 0, payload))
                 elif ftype == NOTIFY:
-                    self.on_notify(body, pos)
+                    fate = self.on_notify(body, pos)
+                    if fate == "drop":
+                        self.request.close()
+                        return
+                    if fate == "stall":
+                        continue
                     actions = b""
                     for name, value in (("node", self.server.node), ("how", "mini")):
                         actions += bytes([1, 3, 2]) + enc_str(name.encode())  # SET-VAR, 3 args, txn scope
@@ -134,7 +142,9 @@ class Handler(socketserver.BaseRequestHandler):
         except (EOFError, ConnectionError):
             return
 
-    def on_notify(self, body: bytes, pos: int) -> None:
+    def on_notify(self, body: bytes, pos: int) -> str:
+        """Record the messages; "drop" or "stall" if this NOTIFY is the one to drop or stall."""
+        fate = ""
         while pos < len(body):
             n, pos = dec_varint(body, pos)
             name = body[pos : pos + n].decode()
@@ -150,6 +160,14 @@ class Handler(socketserver.BaseRequestHandler):
                 args[key] = [t, v]
             with self.server.lock, open(self.server.record, "a") as f:
                 f.write(json.dumps({"message": name, "args": args}) + "\n")
+                cid = args.get("client_id", [None, None])[1]
+                if cid is not None and cid == self.server.drop_once:
+                    self.server.drop_once = None
+                    fate = "drop"
+                if cid is not None and cid == self.server.stall_once:
+                    self.server.stall_once = None
+                    fate = "stall"
+        return fate
 
 
 class MiniServer(socketserver.ThreadingTCPServer):
@@ -162,15 +180,20 @@ class MiniSpoa(ManagedProcess):
 
     name = "mini-spoa"
 
-    def __init__(self, node: str, port: int | None = None, workdir: str | Path | None = None) -> None:
+    def __init__(self, node: str, port: int | None = None, workdir: str | Path | None = None,
+                 *, drop_once: bytes | None = None, stall_once: bytes | None = None) -> None:
         super().__init__(workdir)
         self.port = port or free_port()
         self.node = node
+        self.drop_once = drop_once
+        self.stall_once = stall_once
         self.record_path = self.workdir / "notify.jsonl"
 
     def argv(self) -> list[str]:
+        drop = ["--drop-once", self.drop_once.hex()] if self.drop_once is not None else []
+        drop += ["--stall-once", self.stall_once.hex()] if self.stall_once is not None else []
         return [sys.executable, "-m", "tests.support.mini_spoa", "--port", str(self.port),
-                "--node", self.node, "--record", str(self.record_path)]  # fmt: skip
+                "--node", self.node, "--record", str(self.record_path), *drop]  # fmt: skip
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -190,9 +213,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--node", required=True)
     ap.add_argument("--record", required=True)
+    ap.add_argument("--drop-once", help="client id (hex) whose first NOTIFY is dropped with its connection")
+    ap.add_argument("--stall-once", help="client id (hex) whose first NOTIFY is never answered")
     a = ap.parse_args()
     srv = MiniServer(("127.0.0.1", a.port), Handler)
     srv.node, srv.record, srv.lock = a.node, a.record, threading.Lock()  # type: ignore[attr-defined]
+    srv.drop_once, srv.stall_once = a.drop_once, a.stall_once  # type: ignore[attr-defined]
     srv.serve_forever()
 
 
