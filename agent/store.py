@@ -46,7 +46,7 @@ from agent.config import Config
 from agent.endpoint import Kind, PipeTarget, RedisEndpoint
 from agent.logs import warn_limited
 from agent.model import DEFAULT_BUCKETS, LAYOUT_VERSION, NEVER, SCRIPT_HOWS, How, Keys, OwnerRecord, lua_prelude
-from agent.redis_pipe import NoScriptError, PipelinedRedis, encode_args, encode_command
+from agent.redis_pipe import NoScriptError, PipelinedRedis, encode_args
 from agent.rules import NodeOverrides, parse_overrides
 
 __all__ = ["Answer", "Journal", "Layout", "NodeArgs", "RedisStore", "Script", "StoreDecision", "load_script"]
@@ -622,20 +622,13 @@ class RedisStore:
             for cid, node, expiry in items:
                 args += [cid, node, expiry]
             key = self.keys.owners(bucket)
-            data = encode_command((b"EVALSHA", self.refresh_script.sha, 1, key, *args))
-            self._pipe.submit(data, self._refreshed, self._timeout * 4, key=key)
+            self._spawn(self._refresh_bucket(key, args))
 
-    def _refreshed(self, value: Any, exc: BaseException | None) -> None:
-        if isinstance(exc, NoScriptError):
-            self._spawn(self._load(self.refresh_script))
-        elif exc is not None:
-            log.debug("write-behind refresh failed: %s", exc)
-
-    async def _load(self, script: Script) -> None:
+    async def _refresh_bucket(self, key: bytes, args: list[bytes | str | int]) -> None:
         try:
-            await self._pipe.execute("SCRIPT", "LOAD", script.source, timeout=self._timeout * 4)
-        except Exception as exc:
-            log.debug("loading %s failed: %s", script.name, exc)
+            await self._eval(self.refresh_script, [key], args, lambda: self._timeout * 4)
+        except Exception as exc:  # only costs the records some TTL; the next hit queues them again
+            log.debug("write-behind refresh failed: %s", exc)
 
     async def _eval(self, script: Script, keys: list[bytes], args: list[Any], left: Any) -> Any:
         pipe, key = self._pipe, keys[0]  # every key of one call shares a slot: the first routes it
