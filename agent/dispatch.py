@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from agent.affinity import AffinityEngine, Decision
 from agent.logs import warn_limited
@@ -45,25 +46,32 @@ class AffinityDispatcher:
             action = self._node_actions[node] = SetVar(Scope.TRANSACTION, VAR_NODE, node)
         return action
 
-    async def handle(self, message: Message) -> list[Action]:
+    def start(self, message: Message, reply: Callable[[list[Action]], None]) -> None:
+        """Decide one ``mqtt-connect`` message; ``reply(actions)`` now or from the Redis read path."""
         if message.name != MESSAGE_NAME:
             warn_limited(log, "unknown-message", "ignoring unknown SPOE message %r", message.name[:64])
-            return [_HOW_ACTIONS[How.NONE]]
+            reply([_HOW_ACTIONS[How.NONE]])
+            return
         started = time.perf_counter()
         request = parse_connect(message.args)
-        decision = await self._engine.decide(request)
-        elapsed = time.perf_counter() - started
-        self._metrics.record_decision(decision.how, decision.node, elapsed, decision.pin_ignored)
-        if decision.cause is not None:
-            self._metrics.record_redis_error(decision.cause)
-        if decision.pin_ignored:
-            warn_limited(log, f"pin-ignored-{decision.pin_ignored}",
-                         "pin to node %r ignored: node is down, in maintenance or unknown", decision.pin_ignored)
-        if log.isEnabledFor(logging.DEBUG):
-            self._log(request, decision, elapsed)
-        if decision.node:
-            return [self._node_action(decision.node), _HOW_ACTIONS[decision.how]]
-        return [_HOW_ACTIONS[decision.how]]
+
+        def decided(decision: Decision) -> None:
+            elapsed = time.perf_counter() - started
+            self._metrics.record_decision(decision.how, decision.node, elapsed, decision.pin_ignored)
+            if decision.cause is not None:
+                self._metrics.record_redis_error(decision.cause)
+            if decision.pin_ignored:
+                warn_limited(log, f"pin-ignored-{decision.pin_ignored}",
+                             "pin to node %r ignored: node is down, in maintenance or unknown", decision.pin_ignored)
+            if log.isEnabledFor(logging.DEBUG):
+                self._log(request, decision, elapsed)
+            node = decision.node
+            if node:
+                reply([self._node_action(node), _HOW_ACTIONS[decision.how]])
+            else:
+                reply([_HOW_ACTIONS[decision.how]])
+
+        self._engine.decide_cb(request, decided)
 
     def on_error(self, message: Message, exc: BaseException) -> list[Action]:
         # A bug, not an outage (the engine absorbs Redis failures): HAProxy's

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol, cast
 
 from agent.logs import warn_limited
@@ -59,14 +60,56 @@ DRAIN_STATUS = Status.NORMAL
 DRAIN_MESSAGE = "draining: the agent is shutting down"
 
 
-class Dispatcher(Protocol):
-    """What the server needs from the application: one answer per message."""
+Reply = Callable[[list[Action]], None]
 
-    async def handle(self, message: Message) -> list[Action]: ...
+
+class Dispatcher(Protocol):
+    """What the server needs from the application: one answer per message.
+
+    ``start`` is the hot path: no coroutine, no task. It calls ``reply(actions)`` exactly once,
+    at once or later (from a Redis reply, say). It may return a callable that cancels the
+    work (the connection went away). An application written with coroutines wraps itself in
+    :class:`AsyncDispatcher`.
+    """
+
+    def start(self, message: Message, reply: Reply) -> Callable[[], None] | None: ...
 
     def on_error(self, message: Message, exc: BaseException) -> list[Action]:
-        """Actions for a message whose handler raised: the ACK must still go out."""
+        """Actions for a message whose handler failed: the ACK must still go out."""
         ...
+
+
+class AsyncHandler(Protocol):
+    async def handle(self, message: Message) -> list[Action]: ...
+    def on_error(self, message: Message, exc: BaseException) -> list[Action]: ...
+
+
+class AsyncDispatcher:
+    """A dispatcher written as ``async def handle(message)``: each message runs as a task."""
+
+    def __init__(self, handler: AsyncHandler) -> None:
+        self.handler = handler
+
+    def start(self, message: Message, reply: Reply) -> Callable[[], None] | None:
+        async def run() -> None:
+            try:
+                actions = await self.handler.handle(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the ACK must go out whatever the handler did
+                warn_limited(log, "handler-error", "handler for %r failed: %r", message.name, exc)
+                actions = self.handler.on_error(message, exc)
+            reply(actions)
+
+        task = asyncio.get_running_loop().create_task(run())
+
+        def cancel() -> None:
+            task.cancel()
+
+        return cancel
+
+    def on_error(self, message: Message, exc: BaseException) -> list[Action]:
+        return self.handler.on_error(message, exc)
 
 
 class ServerObserver(Protocol):
@@ -89,6 +132,50 @@ class NullObserver:
     def disconnect(self, side: str, status: int) -> None: pass
 
 
+class _Work:
+    """One NOTIFY being decided: its messages' actions, in order, as they arrive."""
+
+    __slots__ = ("_actions", "_left", "_single", "conn", "notify")
+
+    def __init__(self, conn: _SpopProtocol, notify: Notify) -> None:
+        self.conn = conn
+        self.notify = notify
+        n = len(notify.messages)
+        self._left = n
+        self._single: list[Action] | None = None
+        self._actions: list[list[Action] | None] | None = [None] * n if n > 1 else None
+
+    def replier(self, i: int) -> Reply:
+        if self._actions is None:
+            return self._reply_single
+        return lambda actions: self.reply(i, actions)
+
+    def _reply_single(self, actions: list[Action]) -> None:
+        if self._left:
+            self._left = 0
+            self._single = actions
+            self.conn._answer(self)
+
+    def reply(self, i: int, actions: list[Action]) -> None:
+        if self._actions is None:
+            self._reply_single(actions)
+            return
+        if self._actions[i] is None and self._left:
+            self._actions[i] = actions
+            self._left -= 1
+            if not self._left:
+                self.conn._answer(self)
+
+    def finish(self) -> None:
+        self._left = 0
+        self.conn._answer(self)
+
+    def actions(self) -> tuple[Action, ...]:
+        if self._actions is None:
+            return tuple(self._single or ())
+        return tuple(a for acts in self._actions for a in acts or ())
+
+
 class _SpopProtocol(asyncio.BufferedProtocol):
     """One HAProxy connection: codec + in-flight task bookkeeping."""
 
@@ -98,7 +185,8 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._view = server._read_view
         self._pending: deque[Notify] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: NOTIFYs being decided -> how to cancel their work (None: nothing to cancel).
+        self._in_flight: dict[_Work, Callable[[], None] | None] = {}
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._reading_paused = False
@@ -179,9 +267,9 @@ class _SpopProtocol(asyncio.BufferedProtocol):
 
     def _on_event(self, event: object) -> None:
         obs = self._server.observer
-        if isinstance(event, Notify):
+        if type(event) is Notify:
             obs.frame_received("notify")
-            if len(self._tasks) < self._server.max_in_flight:
+            if len(self._in_flight) < self._server.max_in_flight:
                 self._start(event)
             else:
                 self._pending.append(event)
@@ -209,48 +297,52 @@ class _SpopProtocol(asyncio.BufferedProtocol):
             self._close_transport()
 
     def _start(self, notify: Notify) -> None:
-        task = asyncio.get_running_loop().create_task(self._process(notify))
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
+        work = _Work(self, notify)
+        self._in_flight[work] = None
+        dispatcher = self._server.dispatcher
+        messages = notify.messages
+        for i, message in enumerate(messages):
+            try:
+                cancel = dispatcher.start(message, work.replier(i))
+            except Exception as exc:  # the ACK must go out whatever the handler did
+                warn_limited(log, "handler-error", "handler for %r failed: %r", message.name, exc)
+                work.reply(i, dispatcher.on_error(message, exc))
+                continue
+            if cancel is not None and work in self._in_flight:
+                self._in_flight[work] = cancel
+        if not messages:
+            work.finish()
 
     def _start_pending(self) -> None:
         # Queued NOTIFYs are in flight for HAProxy, also while closing: each gets its ACK.
-        while self._pending and len(self._tasks) < self._server.max_in_flight:
+        while self._pending and len(self._in_flight) < self._server.max_in_flight:
             self._start(self._pending.popleft())
 
-    async def _process(self, notify: Notify) -> None:
-        dispatcher = self._server.dispatcher
-        actions: list[Action] = []
-        for message in notify.messages:
+    def _answer(self, work: _Work) -> None:
+        """Every message of ``work`` has its actions: ACK, then take the next queued NOTIFY."""
+        if self._in_flight.pop(work, False) is False:
+            return  # aborted meanwhile
+        notify = work.notify
+        if self._conn.state is State.READY:  # else: peer gone or disconnecting, nobody to answer
+            actions = work.actions()
             try:
-                actions.extend(await dispatcher.handle(message))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the ACK must go out whatever the handler did
-                warn_limited(log, "handler-error", "handler for %r failed: %r", message.name, exc)
-                actions.extend(dispatcher.on_error(message, exc))
-        if self._conn.state is not State.READY:
-            return  # peer gone or disconnecting: nobody to answer
-        try:
-            frame = self._conn.send(Ack(notify.stream_id, notify.frame_id, tuple(actions)))
-        except LocalProtocolError as exc:
-            # Larger than the negotiated frame size: the stream must still be answered, or
-            # HAProxy waits out `timeout processing`. Fall back to the error answer, then to none.
-            warn_limited(log, "ack-error", "cannot encode ACK for stream %d: %s", notify.stream_id, exc)
-            fallback = tuple(dispatcher.on_error(notify.messages[0], exc)) if notify.messages else ()
-            try:
-                frame = self._conn.send(Ack(notify.stream_id, notify.frame_id, fallback))
-            except LocalProtocolError:
-                frame = self._conn.send(Ack(notify.stream_id, notify.frame_id, ()))
-        self._write(frame, "ack")
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            warn_limited(log, "task-error", "NOTIFY task failed: %r", task.exception())
-        self._start_pending()
-        self._update_reading()
-        if self._closing and not self._tasks and not self._pending:
+                frame = self._conn.send(Ack(notify.stream_id, notify.frame_id, actions))
+            except LocalProtocolError as exc:
+                # Larger than the negotiated frame size: the stream must still be answered, or
+                # HAProxy waits out `timeout processing`. Fall back to the error answer, then to none.
+                warn_limited(log, "ack-error", "cannot encode ACK for stream %d: %s", notify.stream_id, exc)
+                dispatcher = self._server.dispatcher
+                fallback = tuple(dispatcher.on_error(notify.messages[0], exc)) if notify.messages else ()
+                try:
+                    frame = self._conn.send(Ack(notify.stream_id, notify.frame_id, fallback))
+                except LocalProtocolError:
+                    frame = self._conn.send(Ack(notify.stream_id, notify.frame_id, ()))
+            self._write(frame, "ack")
+        if self._pending:
+            self._start_pending()
+        if self._reading_paused:
+            self._update_reading()
+        if self._closing and not self._in_flight and not self._pending:
             self._finish_shutdown()
 
     # -- output -------------------------------------------------------------
@@ -340,8 +432,10 @@ class _SpopProtocol(asyncio.BufferedProtocol):
 
     def _abort_work(self) -> None:
         self._pending.clear()
-        for task in self._tasks:
-            task.cancel()
+        in_flight, self._in_flight = self._in_flight, {}
+        for cancel in in_flight.values():
+            if cancel is not None:
+                cancel()
 
     def begin_shutdown(self) -> None:
         """Finish what HAProxy already sent us, then say goodbye."""
@@ -352,7 +446,7 @@ class _SpopProtocol(asyncio.BufferedProtocol):
             self._close_transport()
             return
         self._start_pending()
-        if not self._tasks and not self._pending:
+        if not self._in_flight and not self._pending:
             self._finish_shutdown()
 
     def _finish_shutdown(self) -> None:

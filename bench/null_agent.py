@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import zlib
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -42,12 +43,14 @@ class NullDispatcher:
         self.actions = self.answers[0]
         self.spread = len(nodes) > 1
 
-    async def handle(self, message: Message) -> list[Action]:
+    def start(self, message: Message, reply: Callable[[list[Action]], None]) -> None:
+        """Answered at once, from the read path: the server's own cost, and nothing else."""
         if self.spread:
             cid = message.get("client_id")
             if isinstance(cid, bytes):
-                return self.answers[zlib.crc32(cid) % len(self.answers)]
-        return self.actions
+                reply(self.answers[zlib.crc32(cid) % len(self.answers)])
+                return
+        reply(self.actions)
 
     def on_error(self, message: Message, exc: BaseException) -> list[Action]:
         return self.actions

@@ -138,8 +138,9 @@ def parse_log_line(line: str) -> dict[str, str] | None:
     return m.groupdict() if m else None
 
 
-# AF_UNIX paths are limited to 108 bytes (including the terminating NUL).
-_MAX_SOCKET_PATH = 100
+# AF_UNIX paths are limited to 108 bytes (including the terminating NUL), and HAProxy 3.2
+# refuses a stats socket path past 97 (it appends a suffix while binding): keep a margin.
+_MAX_SOCKET_PATH = 90
 
 
 class HAProxy(ManagedProcess):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.server import SpopServer
+from agent.server import AsyncDispatcher, SpopServer
 from agent.spop import Message, Scope, SetVar
 from devstack import DISCONNECT, HAPROXY_CFG, connect_packet, free_port, haproxy_env, read_packet, wait_until
 
@@ -76,7 +76,8 @@ class ThreadedAgent:
 
         def main() -> None:
             asyncio.set_event_loop(self._loop)
-            self._server = SpopServer(self.dispatcher, "127.0.0.1", self.port, observer=self.observer)
+            self._server = SpopServer(AsyncDispatcher(self.dispatcher), "127.0.0.1", self.port,
+                                      observer=self.observer)
             self._loop.run_until_complete(self._server.start())
             started.set()
             self._loop.run_forever()

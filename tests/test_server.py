@@ -12,7 +12,7 @@ import ipaddress
 
 import pytest
 
-from agent.server import SpopServer
+from agent.server import AsyncDispatcher, SpopServer
 from agent.spop import Message, Scope, SetVar, Status
 from agent.spop.frames import (
     FrameType,
@@ -96,7 +96,7 @@ class Peer:
 
 async def start(dispatcher=None, **kw) -> tuple[SpopServer, EchoDispatcher]:
     d = dispatcher or EchoDispatcher()
-    server = SpopServer(d, "127.0.0.1", 0, **kw)
+    server = SpopServer(AsyncDispatcher(d), "127.0.0.1", 0, **kw)
     await server.start()
     return server, d
 
