@@ -220,6 +220,8 @@ class Report:
     generator_lag_ms: float
     examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    #: Attempt index -> its HAProxy log line (for analyses of a time window).
+    joined: dict[int, dict[str, str]] = field(default_factory=dict)
 
     COUNTS = ("connects", "no_connack", "spoe_errors", "first_errors", "waited", "no_decision", "off_record",
               "split_ids", "fallbacks")
@@ -337,6 +339,7 @@ def analyse(
     report.error_codes = dict(codes)
     report.hows = dict(hows)
     report.examples = examples
+    report.joined = by_attempt
     if report.logged != expected:
         report.failures.append(f"{expected - report.logged} of {expected} connections were never logged")
     for ha in balancers:
