@@ -33,7 +33,9 @@ __all__ = ["Breaker", "Probe", "describe", "is_outage", "is_timeout"]
 log = logging.getLogger("mqtt_affinity.redis")
 
 PROBE_INITIAL = 0.1
-PROBE_MAX = 2.0
+#: At most this long between probes during an outage: how late decisions can come back to
+#: Redis after it is back (after a failover: after the new primary is known).
+PROBE_MAX = 1.0
 TIMEOUTS_TO_TRIP = 3
 WARN_EVERY = 60.0
 STOP_TIMEOUT = 5.0

@@ -209,6 +209,13 @@ class Journal:
         return len(self.entries())
 
 
+async def _close_quietly(client: Any) -> None:
+    try:
+        await client.aclose()
+    except Exception as exc:  # a client of a dead node
+        log.debug("closing an old Redis client: %s", exc)
+
+
 def _fixed(target: PipeTarget) -> Callable[[], Awaitable[PipeTarget]]:
     async def get() -> PipeTarget:
         return target
@@ -291,7 +298,7 @@ class RedisStore:
         # BlockingConnectionPool: the plain pool raises MaxConnectionsError past its size under
         # load; here excess callers queue (bounded by the caller's timeout). No retries: a
         # retry would only spend the caller's budget; the engine falls back.
-        self._redis: Any = endpoint.async_client(
+        self._client_options: dict[str, Any] = dict(
             max_connections=pool_size,
             timeout=sock_timeout,
             socket_timeout=sock_timeout,
@@ -300,6 +307,7 @@ class RedisStore:
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
         )
+        self._redis: Any = endpoint.async_client(**self._client_options)
         self.decide_script = Script("decide.lua")
         self.claim_script = Script("claim.lua")
         self.sweep_script = Script("sweep.lua")
@@ -715,6 +723,11 @@ class RedisStore:
                     await self._pipe.execute("SCRIPT", "LOAD", script.source, timeout=budget)
             info = _text(await self._pipe.execute("INFO", "server", timeout=budget))
             identity = (self._pipe.address, _field(info, "run_id"))
+        if self._cluster and self._identity is not None and identity != self._identity:
+            # redis-py's cluster client keeps asking a dead primary for its slots (it never
+            # re-reads the topology on a refused connection): a new one reads it afresh.
+            old, self._redis = self._redis, self.endpoint.async_client(**self._client_options)
+            self._spawn(_close_quietly(old))
         await self.load_layout()
         if self._identity is not None and identity != self._identity:
             # Another primary (a failover) or a restarted Redis: the last acknowledged writes

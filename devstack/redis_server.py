@@ -210,12 +210,17 @@ class RedisClusterGroup:
         return self
 
     def healthy(self) -> bool:
-        """cluster_state:ok on every running node, and every slot served by a running primary."""
+        """cluster_state:ok on every running node, every slot served by a running primary, and
+        every replica in sync with its primary (a replica that never synced cannot be promoted)."""
         running = [n for n in self.nodes if n.running]
         try:
-            return all(n.client().cluster("info")["cluster_state"] == "ok" for n in running) and (
-                len(self.primaries()) == self.primary_count
-            )
+            if not all(n.client().cluster("info")["cluster_state"] == "ok" for n in running):
+                return False
+            primaries = self.primaries()
+            if len(primaries) != self.primary_count:
+                return False
+            replicas = [n for n in running if n not in primaries]
+            return all(n.client().info("replication").get("master_link_status") == "up" for n in replicas)
         except redis_py.RedisError:
             return False
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -98,3 +100,87 @@ def test_every_cli_command_works_on_a_cluster(stack: Stack) -> None:
     assert doc["records"] >= 1
     res = cli(stack, "migrate")
     assert res.returncode == 0 and "moved 0 owner records" in res.stdout, res.stdout
+
+
+def test_a_primary_killed_under_load(cluster: RedisClusterGroup, stack: Stack) -> None:
+    """Its replica is promoted; meanwhile decisions fall back (the same hash on both balancers),
+    then come from Redis again, the promoted replica's records honoured, pins and drains too.
+    The last test of the module: the cluster is left with one primary less."""
+    from devstack.scenario import OpenLoopLoad, analyse, run_scenario
+
+    ports = [b.port for b in stack.balancers]
+    ids = [f"clk-{i:03d}" for i in range(400)]
+    assert set(asyncio.run(connect_many(ports[0], [c.encode() for c in ids], version=4, clean=False))) == {0}
+    pinned, drained = ids[0], "node3"
+    with stack.r as r:
+        before = records.owners(r, ids)
+        target = next(n for n in NODES if n not in (before[pinned], drained))
+        records.write_pin(r, pinned, target, reason="before the kill")
+        r.hset(b"mqtt-affinity:node-state", drained, "drain")
+    before[pinned] = target
+    time.sleep(1.5)  # replicated, and read by the agents (state_refresh)
+    # The primary serving the pinned client's slot, so the kill matters to a record we check.
+    with stack.r as r:
+        slot = key_slot(records.keys(r).client(pinned.encode())[0])
+    victim = next(n for n in cluster.primaries()
+                  if any(int(a) <= slot <= int(b) for a, b in _slot_ranges(n)))
+    load = OpenLoopLoad(ports, ids, rate=250, duration=12.0)
+    kill_at = 2.5
+    promoted: list[float] = []
+
+    def kill() -> None:
+        victim.kill()
+        watch = threading.Thread(target=_watch_promotion, args=(cluster, victim, load, promoted), daemon=True)
+        watch.start()
+
+    run_scenario(load, [(kill_at, "SIGKILL a primary", kill)])
+    report = analyse(load.attempts, [b.haproxy for b in stack.balancers], stack.owners)
+    detail = f"{report.summary()}\n{report.examples}\n{report.failures}"
+    assert report.no_connack == 0 and report.spoe_errors == 0, detail
+    fallbacks = [a.scheduled for a in load.attempts if report.joined.get(a.index, {}).get("how") == "fallback"]
+    assert promoted, "the replica was never promoted"
+    # Decisions from Redis again within node timeout + failover (when the cluster served the
+    # slots again, as watched from outside) + 2 s.
+    bound = promoted[0] + 2.0
+    assert fallbacks and max(fallbacks) <= bound, (fallbacks[-5:], promoted, bound, detail)
+    print(f"\nprimary killed at {kill_at} s, replica serving at {promoted[0]:.2f} s: {len(fallbacks)} fallback "
+          f"decisions from {min(fallbacks):.2f} s to {max(fallbacks):.2f} s (bound {bound:.2f} s); {report.summary()}")
+    after = [a for a in load.attempts if a.scheduled > bound and a.index in report.joined]
+    assert len(after) > 250 * 3
+    servers: dict[str, set[str]] = {}
+    for a in after:
+        line = report.joined[a.index]
+        servers.setdefault(a.cid, set()).add(line["server"])
+        assert line["server"] == before[a.cid], (a.cid, line, before[a.cid])
+    assert all(len(s) == 1 for s in servers.values())
+    fresh = [f"clk-after-{i}".encode() for i in range(60)]
+    assert set(asyncio.run(connect_many(ports[1], fresh, version=4, clean=False))) == {0}
+    with stack.r as r:
+        placed = records.owners(r, fresh)
+    assert drained not in placed.values() and None not in placed.values()
+
+
+def _watch_promotion(cluster: RedisClusterGroup, victim: object, load: object, out: list[float]) -> None:
+    """Record when (seconds into the load) another node serves the victim's slots."""
+    others = [n for n in cluster.nodes if n is not victim and n.running]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            slots = others[0].client().execute_command("CLUSTER", "SLOTS")
+            state = others[0].client().cluster("info")["cluster_state"]
+        except Exception:
+            time.sleep(0.05)
+            continue
+        if state == "ok" and all(int(e[2][1]) != victim.port for e in slots):  # type: ignore[attr-defined]
+            out.append(load.elapsed())  # type: ignore[attr-defined]
+            return
+        time.sleep(0.05)
+
+
+def _slot_ranges(node: object) -> list[tuple[str, str]]:
+    """The slot ranges ``node`` serves as a primary (CLUSTER SHARDS/SLOTS as it sees itself)."""
+    out = []
+    for entry in node.client().execute_command("CLUSTER", "SLOTS"):  # type: ignore[attr-defined]
+        if int(entry[2][1]) == node.port:  # type: ignore[attr-defined]
+            out.append((entry[0], entry[1]))
+    return out
