@@ -93,7 +93,7 @@ class DecisionStore(Protocol):
 
     def submit(self, cid: bytes, *, persistent: bool, candidate: str | None, ttl: int, now: int, node_args: Any,
                by: str, callback: Callable[[Answer | None, BaseException | None], None],
-               timeout: float | None) -> None: ...
+               timeout: float | None, token: str = "", bucket: int | None = None) -> None: ...
 
     def queue_refresh(self, cid: bytes, bucket: int, node: str, expiry: int) -> None:
         """Write behind: extend the record's expiry (a hit answered from the cache)."""
@@ -278,6 +278,7 @@ class AffinityEngine:
             by=req.balancer or self.agent_id,
             callback=answered,
             timeout=config.redis_timeout,
+            bucket=bucket,
         )
 
     async def decide(self, req: ConnectRequest) -> Decision:

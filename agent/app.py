@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -129,6 +130,7 @@ class App:
         await self.server.start()
         if self.http is not None:
             await self.http.start()
+        _tune_gc()
         log.info(
             "listening: spop %s:%d, http %s, redis %s, nodes %s",
             self.config.listen[0], self.server.port,
@@ -177,6 +179,20 @@ class App:
         setup_logging(new.log_level, new.log_format)
         self.config = new
         log.info("reloaded %s: nodes %s", self.config_path, ",".join(n.name for n in new.nodes))
+
+#: Young-generation collection threshold once started (CPython's default is 700).
+GC_GEN0_THRESHOLD = 20_000
+
+
+def _tune_gc() -> None:
+    """Once started, the objects built so far (modules, config, scripts) live forever: move them
+    out of the collector's sight (gc.freeze) and collect the young generation less often. The hot
+    path makes few cycles; a full pass over the frozen start-up heap every 700 allocations was
+    about 7% of the agent's CPU under load."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
+
 
 def run(config_path: Path) -> int:
     config = load_config(config_path)

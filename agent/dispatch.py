@@ -95,7 +95,7 @@ class AffinityDispatcher:
                 "persistent": request.persistent,
                 "proto_ver": request.proto_ver,
                 "balancer": request.balancer,
-                "src": request.src,
+                "src": request.source,
                 "ms": round(elapsed * 1000, 3),
                 "error": decision.error,
             }},

@@ -10,9 +10,9 @@ one Redis record while wrongly dropping stickiness loses the client's queued mes
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 
 __all__ = ["ConnectRequest", "parse_connect", "NEVER_EXPIRES", "CLEAN_SESSION_FLAG"]
 
@@ -30,11 +30,19 @@ _MQTT3 = frozenset({3, 4})
 class ConnectRequest:
     client_id: bytes | None
     username: bytes | None = None
-    src: str | None = None
+    #: The client's address as HAProxy sent it (an ``ipaddress`` object, or text); only the
+    #: logs read it, so it is turned into text there (:attr:`source`), not per decision.
+    src: IPv4Address | IPv6Address | str | None = None
     proto_ver: int | None = None
     flags: int | None = None
     sess_expiry: int | None = None
     balancer: str | None = None
+
+    @property
+    def source(self) -> str | None:
+        """The client's address as text."""
+        src = self.src
+        return src if src is None or isinstance(src, str) else str(src)
 
     @property
     def persistent(self) -> bool:
@@ -99,9 +107,9 @@ def _as_text(value: object) -> str | None:
     return None
 
 
-def _as_src(value: object) -> str | None:
-    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        return str(value)
+def _as_src(value: object) -> IPv4Address | IPv6Address | str | None:
+    if isinstance(value, (IPv4Address, IPv6Address)):
+        return value
     return _as_text(value)
 
 

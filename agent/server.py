@@ -192,7 +192,7 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._write_paused = False
         self._closing = False
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._drained = loop.create_future()
         self._hello_timer: asyncio.TimerHandle | None = None
         self.peer = "?"
@@ -221,7 +221,7 @@ class _SpopProtocol(asyncio.BufferedProtocol):
             return
         server._awaiting_hello[self] = None
         if server.hello_timeout is not None:
-            self._hello_timer = asyncio.get_running_loop().call_later(server.hello_timeout, self._hello_expired)
+            self._hello_timer = self._loop.call_later(server.hello_timeout, self._hello_expired)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # Never more than the codec can hold: a peer cannot make us buffer
@@ -352,7 +352,7 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         self._out.append(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

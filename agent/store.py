@@ -383,6 +383,7 @@ class RedisStore:
         callback: Callable[[Answer | None, BaseException | None], None],
         timeout: float | None,
         token: str = "",
+        bucket: int | None = None,
     ) -> None:
         """Queue one decision; ``callback(answer, None)`` or ``callback(None, error)`` later.
 
@@ -399,7 +400,8 @@ class RedisStore:
             callback(None, RedisConnectionError("not connected to Redis"))
             return
         keys = self.keys
-        bucket = keys.bucket(cid)
+        if bucket is None:
+            bucket = keys.bucket(cid)
         owners, pins = keys.owners(bucket), keys.pins(bucket)
         key_list = [owners, pins, keys.v1_owner(cid), keys.v1_pin(cid)] if layout.v1 else [owners, pins]
         call = _Call(cid, bucket, owners, key_list, persistent, candidate or "", ttl, now, by[:32], token,

@@ -10,7 +10,7 @@ import pytest
 import redis.exceptions
 
 from agent.affinity import AffinityEngine, FallbackCause
-from agent.breaker import Breaker
+from agent.breaker import PROBE_INITIAL, PROBE_MAX, Breaker
 from agent.cache import OwnerCache
 from agent.config import Config, NodeConfig
 from agent.logs import RateLimiter
@@ -57,7 +57,7 @@ class FakeStore:
 
     def submit(self, cid: bytes, *, persistent: bool, candidate: str | None, ttl: int, now: int, node_args: object,
                by: str, callback: Callable[[Answer | None, BaseException | None], None],
-               timeout: float | None) -> None:
+               timeout: float | None, token: str = "", bucket: int | None = None) -> None:
         self.decides += 1
         error = self.error
         answer = Answer(candidate, How.ASSIGNED, None, None, candidate or "", 0, "", 0)
@@ -108,8 +108,9 @@ def test_refused_opens_at_once_and_the_probe_closes_it(caplog: pytest.LogCapture
         assert store.decides == calls
         await settle(breaker, clock)
         assert store.resets == 1 and store.pings >= 3
-        # The probe backs off: 0.1 s doubling, capped at 2 s.
-        assert clock.sleeps[:5] == [0.1, 0.2, 0.4, 0.8, 1.6] and max(clock.sleeps) == 2.0
+        # The probe backs off: 0.1 s doubling, capped at 1 s (a failover is noticed within a second).
+        assert PROBE_INITIAL == 0.1 and PROBE_MAX == 1.0
+        assert clock.sleeps[:6] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0] and max(clock.sleeps) == 1.0
         store.error = None
         await settle(breaker, clock)
         assert breaker.available and breaker.reason is None

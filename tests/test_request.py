@@ -26,7 +26,7 @@ def test_parse_typical_mqtt5_connect() -> None:
     assert req == ConnectRequest(
         client_id=b"sensor-17",
         username=b"alice",
-        src="10.0.0.7",
+        src=ipaddress.ip_address("10.0.0.7"),
         proto_ver=5,
         flags=194,
         sess_expiry=300,
@@ -78,8 +78,12 @@ def test_first_occurrence_wins_and_unknown_ignored() -> None:
 
 
 def test_src_and_balancer_types() -> None:
-    assert parse_connect([("src", ipaddress.ip_address("::1"))]).src == "::1"
-    assert parse_connect([("src", "192.0.2.1")]).src == "192.0.2.1"
+    assert parse_connect([("src", ipaddress.ip_address("::1"))]).source == "::1"
+    assert parse_connect([("src", ipaddress.ip_address("10.0.0.7"))]).source == "10.0.0.7"
+    assert parse_connect([("src", "192.0.2.1")]).source == "192.0.2.1"
+    assert parse_connect([("src", b"192.0.2.2")]).source == "192.0.2.2"
+    assert parse_connect([("src", 7)]).source is None
+    assert parse_connect([]).source is None
     assert parse_connect([("balancer", b"ha2")]).balancer == "ha2"
     assert parse_connect([("balancer", 7)]).balancer is None
 
