@@ -9,7 +9,8 @@ Run: ``python -m tests.support.mini_spoa --port P --node node2 --record FILE``, 
 ``MiniSpoa`` process class below.
 Every NOTIFY message is appended to FILE as one JSON line
 ``{"message": name, "args": {name: [type_id, value_repr]}}``; each is answered with
-set-var txn.<prefix>.node=<--node> and txn.<prefix>.how="mini".
+set-var txn.<prefix>.node=<--node> (none when --node is empty) and txn.<prefix>.how=<--how>
+(default "mini").
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ class Handler(socketserver.BaseRequestHandler):
                 elif ftype == NOTIFY:
                     self.on_notify(body, pos)
                     actions = b""
-                    for name, value in (("node", self.server.node), ("how", "mini")):
+                    pairs = [("node", self.server.node)] if self.server.node else []
+                    for name, value in (*pairs, ("how", self.server.how)):
                         actions += bytes([1, 3, 2]) + enc_str(name.encode())  # SET-VAR, 3 args, txn scope
                         actions += bytes([T_STRING]) + enc_str(value.encode())
                     self.request.sendall(frame(ACK, stream_id, frame_id, actions))
@@ -162,15 +164,17 @@ class MiniSpoa(ManagedProcess):
 
     name = "mini-spoa"
 
-    def __init__(self, node: str, port: int | None = None, workdir: str | Path | None = None) -> None:
+    def __init__(self, node: str, port: int | None = None, workdir: str | Path | None = None,
+                 how: str = "mini") -> None:
         super().__init__(workdir)
         self.port = port or free_port()
         self.node = node
+        self.how = how
         self.record_path = self.workdir / "notify.jsonl"
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "tests.support.mini_spoa", "--port", str(self.port),
-                "--node", self.node, "--record", str(self.record_path)]  # fmt: skip
+                "--node", self.node, "--how", self.how, "--record", str(self.record_path)]  # fmt: skip
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -188,11 +192,12 @@ class MiniSpoa(ManagedProcess):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--node", required=True)
+    ap.add_argument("--node", required=True, help="node to answer; empty: no node variable")
+    ap.add_argument("--how", default="mini")
     ap.add_argument("--record", required=True)
     a = ap.parse_args()
     srv = MiniServer(("127.0.0.1", a.port), Handler)
-    srv.node, srv.record, srv.lock = a.node, a.record, threading.Lock()  # type: ignore[attr-defined]
+    srv.node, srv.how, srv.record, srv.lock = a.node, a.how, a.record, threading.Lock()  # type: ignore[attr-defined]
     srv.serve_forever()
 
 
