@@ -101,8 +101,11 @@ class Keys:
     NODE_STATE: Final = b"node-state"
     NODE_WEIGHT: Final = b"node-weight"
     EVACUATE_RATE: Final = b"evacuate-rate"
+    NODE_DOWN: Final = b"node-down"
+    CONNS: Final = b"conns:"
+    EVICT: Final = b"evict:"
 
-    __slots__ = ("prefix", "raw", "node_state", "node_weight", "evacuate_rate")
+    __slots__ = ("prefix", "raw", "node_state", "node_weight", "evacuate_rate", "node_down")
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix
@@ -113,6 +116,9 @@ class Keys:
         self.node_weight = self.raw + self.NODE_WEIGHT
         #: HASH node -> evacuation moves per second.
         self.evacuate_rate = self.raw + self.EVACUATE_RATE
+        #: HASH node -> unix time an agent's probes found it down (informational: written on
+        #: the down transition, removed on the up one; the CLI shows "down since" from it).
+        self.node_down = self.raw + self.NODE_DOWN
 
     def owner(self, cid: bytes) -> bytes:
         """HASH ``{node, placed_at, by}``: where the client's session lives."""
@@ -125,6 +131,15 @@ class Keys:
     def placed(self, node: str) -> bytes:
         """ZSET member cid, score = record expiry: the sessions placed on ``node``."""
         return self.raw + self.PLACED + node.encode("utf-8")
+
+    def conns(self, haproxy: str) -> bytes:
+        """HASH node -> client connections through one HAProxy process (``<node>:<pid>``), plus
+        ``_at`` (unix time); short EXPIRE, refreshed by its agents (those with ``haproxy_socket``)."""
+        return self.raw + self.CONNS + haproxy.encode("utf-8")
+
+    def evict(self, node: str) -> bytes:
+        """HASH ``{tokens, at}``: the shared token bucket of active evacuation of ``node``."""
+        return self.raw + self.EVICT + node.encode("utf-8")
 
     def scan_pattern(self, infix: bytes) -> bytes:
         """A SCAN MATCH pattern for every key of one kind (glob characters in the prefix escaped)."""

@@ -1,0 +1,213 @@
+"""Active evacuation: close an evacuating node's client connections, at a rate all agents share.
+
+``mqtt-affinity evacuate NODE --rate R`` puts NODE in ``evacuate`` (no new clients; a client of
+NODE that reconnects is moved, at most R moves per second, by ``decide.lua``). MQTT clients
+stay connected for days, so on its own that never empties the node. With ``haproxy_socket``
+configured, each agent also closes NODE's client connections on its own HAProxy, through the
+runtime API (``shutdown session``), taking one token per connection from a token bucket in
+Redis (``P evict:<node>``, ``agent/lua/evict.lua``): R closes per second in total across every
+balancer. Each closed client reconnects with its own backoff and is moved as above.
+
+The same loop publishes this HAProxy's client connections per node (``P conns:<node>:<pid>`` of
+that HAProxy process, a short-lived hash: two agents of one balancer write the same key) for
+``mqtt-affinity nodes`` and ``evacuate --wait``.
+
+Nothing is closed while Redis is unavailable (no shared budget), nor when no other node could
+take the clients (they would only come back to the same node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from importlib import resources
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+from agent.config import Config
+from agent.haproxy_api import RuntimeAPI, RuntimeAPIError
+from agent.logs import warn_limited
+from agent.model import Keys
+from agent.rules import Eligibility
+
+__all__ = ["EvictionObserver", "Evacuator", "burst_for", "evacuation_targets"]
+
+log = logging.getLogger("mqtt_affinity.evacuate")
+
+#: Seconds between two eviction rounds while a node is evacuating.
+TICK = 0.1
+#: Seconds between two publications of the connection counts (and reads when idle).
+PUBLISH_EVERY = 1.0
+#: Lifetime of a published ``conns:<agent>`` hash: a dead agent's counts vanish.
+CONNS_TTL = 5
+
+
+def burst_for(rate: int) -> int:
+    """Token bucket capacity for ``rate`` per second: a fifth of a second's worth (at least 1),
+    so a round every ``TICK`` gets its share and nobody can take a whole second at once."""
+    return max(1, math.ceil(rate / 5))
+
+
+def evacuation_targets(elig: Eligibility) -> dict[str, int]:
+    """Evacuating nodes whose clients have somewhere else to go -> closes per second."""
+    return {
+        node: rate
+        for node, rate in elig.evacuating.items()
+        if rate > 0 and any(n != node for n, _ in elig.placeable)
+    }
+
+
+class EvictionObserver(Protocol):
+    def evicted(self, node: str, count: int) -> None: ...
+
+
+class Evacuator:
+    """One per agent process with ``haproxy_socket`` configured."""
+
+    def __init__(
+        self,
+        config: Config,
+        redis: Redis,
+        eligibility: Callable[[], Eligibility],
+        redis_available: Callable[[], bool],
+        *,
+        observer: EvictionObserver | None = None,
+        api: RuntimeAPI | None = None,
+    ) -> None:
+        self._config = config
+        self._keys = Keys(config.key_prefix)
+        self._redis = redis
+        self._eligibility = eligibility
+        self._redis_available = redis_available
+        self._published: bytes | None = None  # the conns key last written
+        self._observer = observer
+        self._api = api or self._make_api(config)
+        source = resources.files("agent").joinpath("lua", "evict.lua").read_text(encoding="utf-8")
+        self._take = redis.register_script(source)
+        #: This HAProxy's client connections per node, as last read (None: not read yet).
+        self.connections: dict[str, int] | None = None
+        #: node -> [connections closed since it started evacuating, whether "empty" was logged]
+        self._active: dict[str, list[int]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def _make_api(config: Config) -> RuntimeAPI:
+        assert config.haproxy_socket is not None
+        return RuntimeAPI(config.haproxy_socket)
+
+    @property
+    def api(self) -> RuntimeAPI:
+        return self._api
+
+    def reload(self, config: Config) -> None:
+        if config.haproxy_socket != self._config.haproxy_socket and config.haproxy_socket is not None:
+            self._api = self._make_api(config)
+        self._config = config
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="evacuator")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task], timeout=5.0)
+        if self._published is not None:
+            try:  # the counts would otherwise linger until they expire
+                await asyncio.wait_for(self._redis.delete(self._published), 1.0)
+            except Exception:
+                pass
+
+    # -- one read of HAProxy ---------------------------------------------------------------------
+
+    async def read_connections(self) -> dict[str, int] | None:
+        """This HAProxy's client connections per configured node, now; None if it does not answer."""
+        try:
+            per_server = await self._api.server_connections(self._config.haproxy_backend)
+        except RuntimeAPIError as exc:
+            warn_limited(log, "runtime-api", "HAProxy runtime API: %s", exc, interval=60.0)
+            return None
+        names = {n.name for n in self._config.nodes}
+        self.connections = {n: c for n, c in per_server.items() if n in names}
+        return self.connections
+
+    async def _publish(self, conns: Mapping[str, int]) -> None:
+        try:
+            key = self._keys.conns(await self._api.identity())
+        except RuntimeAPIError:
+            return  # read_connections() has said why
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(key)
+        fields: dict[str | bytes, str | int] = {n: c for n, c in conns.items()}
+        fields["_at"] = f"{time.time():.3f}"
+        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py's mapping type is invariant
+        pipe.expire(key, CONNS_TTL)
+        await pipe.execute()
+        self._published = key
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        next_publish = 0.0
+        while True:
+            try:
+                targets = evacuation_targets(self._eligibility()) if self._redis_available() else {}
+                now = time.monotonic()
+                if targets or now >= next_publish:
+                    conns = await self.read_connections()
+                    if conns is not None and self._redis_available() and now >= next_publish:
+                        next_publish = now + PUBLISH_EVERY
+                        await self._publish(conns)
+                    if conns is not None:
+                        await self._evict(targets, conns)
+                self._forget(targets)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                warn_limited(log, "evacuate-round", "evacuation round failed", exc_info=True, interval=60.0)
+            await asyncio.sleep(TICK)
+
+    def _forget(self, targets: Mapping[str, int]) -> None:
+        for node in [n for n in self._active if n not in targets]:
+            closed, _ = self._active.pop(node)
+            log.info("node %s is no longer evacuating (closed %d client connections on this balancer)", node, closed)
+
+    async def _evict(self, targets: Mapping[str, int], conns: Mapping[str, int]) -> None:
+        for node, rate in targets.items():
+            have = conns.get(node, 0)
+            if node not in self._active:
+                self._active[node] = [0, 0]
+                log.info("node %s is evacuating: closing its %d client connections on this balancer, at most "
+                         "%d/s across all balancers", node, have, rate,
+                         extra={"fields": {"node": node, "connections": have, "rate": rate}})
+            if have <= 0:
+                if not self._active[node][1]:
+                    self._active[node][1] = 1
+                    log.info("node %s: no client connection left on this balancer (closed %d)", node,
+                             self._active[node][0])
+                continue
+            self._active[node][1] = 0
+            burst = burst_for(rate)
+            key = self._keys.evict(node)
+            granted = int(await self._take(keys=[key], args=[rate, burst, min(have, burst)]))
+            if granted <= 0:
+                continue
+            closed = 0
+            try:
+                ids = await self._api.sessions(self._config.haproxy_backend, node)
+                if ids:
+                    closed = await self._api.shutdown(ids[:granted])
+            finally:
+                if closed < granted:  # give back what was not used, for the other balancers
+                    await self._take(keys=[key], args=[rate, burst, -(granted - closed)])
+            if closed:
+                self._active[node][0] += closed
+                if self._observer is not None:
+                    self._observer.evicted(node, closed)
+                log.debug("node %s: closed %d client connections", node, closed)
