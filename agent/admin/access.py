@@ -21,12 +21,14 @@ from agent.endpoint import RedisEndpoint
 from agent.model import Keys, NodeState
 from agent.rules import NodeOverrides, parse_overrides, parse_state
 
-__all__ = ["REDIS_TIMEOUT", "ClientRecord", "RedisAccess"]
+__all__ = ["CONNS_STALE", "REDIS_TIMEOUT", "ClientRecord", "Connections", "RedisAccess"]
 
 #: Socket timeout for every Redis call: long enough for a loaded server, short enough that an
 #: operator at a terminal is not left waiting on a black-holed address.
 REDIS_TIMEOUT = 2.0
 _SCAN_COUNT = 1000
+#: Published connection counts older than this are ignored (agents refresh them every second).
+CONNS_STALE = 10.0
 
 
 def _text(value: Any) -> str:
@@ -53,6 +55,15 @@ class ClientRecord:
     owner_ttl: int | None
     pin: Mapping[str, str]
     pin_ttl: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Connections:
+    """Client connections per node, summed over the HAProxy processes whose agents publish them."""
+
+    per_node: Mapping[str, int]
+    #: How many HAProxy processes (balancers) published fresh counts.
+    balancers: int
 
 
 class RedisAccess:
@@ -121,6 +132,41 @@ class RedisAccess:
         for node in nodes:
             pipe.zcount(self.keys.placed(node), f"({now}", "+inf")
         return {node: int(n) for node, n in zip(nodes, pipe.execute())}
+
+    def node_down(self) -> dict[str, float]:
+        """``P node-down``: node -> unix time an agent's probes found it down (invalid entries dropped)."""
+        out = {}
+        for k, v in self.client.hgetall(self.keys.node_down).items():
+            try:
+                out[_text(k)] = float(_text(v))
+            except ValueError:
+                continue
+        return out
+
+    def connections(self, now: float) -> Connections | None:
+        """The agents' published connection counts (``P conns:<haproxy>``), fresh ones only;
+        None when no agent publishes any (none has ``haproxy_socket``)."""
+        keys = list(self.client.scan_iter(match=self.keys.scan_pattern(Keys.CONNS), count=_SCAN_COUNT))
+        if not keys:
+            return None
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        per_node: dict[str, int] = {}
+        balancers = 0
+        for raw in pipe.execute():
+            h = _hash(raw)
+            try:
+                at = float(h.pop("_at", "0"))
+            except ValueError:
+                continue
+            if now - at > CONNS_STALE:
+                continue
+            balancers += 1
+            for node, count in h.items():
+                if count.isdigit():
+                    per_node[node] = per_node.get(node, 0) + int(count)
+        return Connections(per_node, balancers) if balancers else None
 
     def count(self, infix: bytes) -> int:
         """Keys of one kind (``Keys.OWNER``, ``Keys.PIN``), counted with SCAN: safe on a busy Redis."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.admin.access import ClientRecord
-from agent.admin.explain import Explanation, NodeRow
+from agent.admin.explain import EvacuationSample, Explanation, NodeRow
 from agent.admin.scrape import AgentCounters
 from agent.model import ExitCode, NodeState
 
 __all__ = [
+    "Evacuation",
     "NodesView",
     "Pinned",
     "Result",
@@ -55,6 +56,23 @@ class StateChanged(Result):
 
 
 @dataclass(frozen=True)
+class Evacuation(Result):
+    """``evacuate``: the state change, whether agents close connections, and the last look."""
+
+    changed: StateChanged
+    #: Balancers whose agents publish connection counts (so close connections); 0: passive.
+    balancers: int
+    sample: EvacuationSample
+    #: ``--wait`` ran; ``timed_out``: ``--timeout`` passed before the node was empty.
+    waited: bool = False
+    timed_out: bool = False
+
+    @property
+    def status(self) -> ExitCode:
+        return ExitCode.NOT_FOUND if self.timed_out else ExitCode.OK
+
+
+@dataclass(frozen=True)
 class WeightChanged(Result):
     node: str
     #: The new override, or None for ``--reset``.
@@ -75,6 +93,8 @@ class ShowView(Result):
     owner_state: NodeState | None
     owner_health: bool | None
     explanation: Explanation
+    #: Unix time the agents found the owner down (``P node-down``), or None.
+    owner_down_since: float | None = None
 
     @property
     def found(self) -> bool:
