@@ -34,7 +34,7 @@ from agent.logs import warn_limited
 from agent.model import Keys
 from agent.rules import Eligibility
 
-__all__ = ["EvictionObserver", "Evacuator", "burst_for", "evacuation_targets"]
+__all__ = ["EvictionObserver", "Evacuator", "burst_for", "evacuation_targets", "evict_script"]
 
 log = logging.getLogger("mqtt_affinity.evacuate")
 
@@ -50,6 +50,11 @@ def burst_for(rate: int) -> int:
     """Token bucket capacity for ``rate`` per second: a fifth of a second's worth (at least 1),
     so a round every ``TICK`` gets its share and nobody can take a whole second at once."""
     return max(1, math.ceil(rate / 5))
+
+
+def evict_script() -> str:
+    """The token bucket script, ``agent/lua/evict.lua`` (package data)."""
+    return resources.files("agent").joinpath("lua", "evict.lua").read_text(encoding="utf-8")
 
 
 def evacuation_targets(elig: Eligibility) -> dict[str, int]:
@@ -86,8 +91,7 @@ class Evacuator:
         self._published: bytes | None = None  # the conns key last written
         self._observer = observer
         self._api = api or self._make_api(config)
-        source = resources.files("agent").joinpath("lua", "evict.lua").read_text(encoding="utf-8")
-        self._take = redis.register_script(source)
+        self._take = redis.register_script(evict_script())
         #: This HAProxy's client connections per node, as last read (None: not read yet).
         self.connections: dict[str, int] | None = None
         #: node -> [connections closed since it started evacuating, whether "empty" was logged]

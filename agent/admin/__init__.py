@@ -101,7 +101,8 @@ COMMANDS: tuple[Command[Any], ...] = (
         "their HAProxy's runtime API, --rate per second in total (one budget in Redis), so the node empties "
         "in about connections/rate seconds; without it, clients move only when they reconnect on their own "
         "(the command says which). Without --rate the config's evacuate_rate applies (an earlier --rate is "
-        "removed). --wait follows the node's connections until none is left.",
+        "removed). --wait follows the node's connections until none has been left for 2 s (a closed client the moves "
+        "budget sends back shows up again meanwhile).",
         cmd.evacuate_args, cmd.evacuate, render.evacuate_text,
     ),
     Command(

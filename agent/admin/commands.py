@@ -300,6 +300,9 @@ def maintenance(args: argparse.Namespace, ctx: Context) -> StateChanged:
 
 #: Seconds between two progress lines of ``evacuate --wait``.
 WAIT_EVERY = 1.0
+#: ``evacuate --wait`` ends when the node has stayed empty this long: a closed client that
+#: reconnects within it and is sent back (the moves budget was spent) shows up again meanwhile.
+SETTLE = 2.0
 
 
 def evacuate(args: argparse.Namespace, ctx: Context) -> Evacuation:
@@ -323,13 +326,18 @@ def evacuate(args: argparse.Namespace, ctx: Context) -> Evacuation:
     # Progress lines as it goes: this command's only output before the result.
     print(evacuation_progress(sample), flush=True)
     deadline = None if args.timeout is None else started + args.timeout
-    while not sample.empty:
+    emptied: float | None = sample.elapsed if sample.empty else None
+    while emptied is None or sample.elapsed - emptied < SETTLE:
         if deadline is not None and time.monotonic() >= deadline:
             return Evacuation(changed, result.balancers, sample, waited=True, timed_out=True)
         time.sleep(WAIT_EVERY if deadline is None else max(0.0, min(WAIT_EVERY, deadline - time.monotonic())))
         sample = _evacuation_sample(ctx, node, started)
         print(evacuation_progress(sample), flush=True)
-    return Evacuation(changed, result.balancers, sample, waited=True)
+        if not sample.empty:
+            emptied = None
+        elif emptied is None:
+            emptied = sample.elapsed
+    return Evacuation(changed, result.balancers, sample, waited=True, emptied_at=emptied)
 
 
 def _evacuation_sample(ctx: Context, node: str, started: float) -> ex.EvacuationSample:

@@ -189,7 +189,8 @@ def evacuate_text(r: Evacuation) -> str:
         lines.append(f"not empty after {s.elapsed:.0f}s: " + evacuation_progress(s).split(": ", 1)[1])
     elif r.waited:
         what = "no client connection" if s.active else "no placed session"
-        lines.append(f"{s.node} has {what} left ({s.elapsed:.1f}s)")
+        since = r.emptied_at if r.emptied_at is not None else s.elapsed
+        lines.append(f"{s.node} has {what} left: empty after {since:.1f}s, and still at {s.elapsed:.1f}s")
     return "\n".join(lines)
 
 

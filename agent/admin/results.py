@@ -66,6 +66,8 @@ class Evacuation(Result):
     #: ``--wait`` ran; ``timed_out``: ``--timeout`` passed before the node was empty.
     waited: bool = False
     timed_out: bool = False
+    #: Seconds after the command started when the node was first seen empty (and stayed so).
+    emptied_at: float | None = None
 
     @property
     def status(self) -> ExitCode:

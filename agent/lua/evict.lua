@@ -24,7 +24,10 @@ local state = redis.call('HMGET', key, 'tokens', 'at')
 local tokens = tonumber(state[1])
 local at = tonumber(state[2])
 if tokens == nil or at == nil then
-  tokens = burst
+  -- A new evacuation starts empty: closes flow at `rate` from the first one, without a burst,
+  -- so the clients' reconnects (and their moves, which decide.lua budgets per second at the
+  -- same rate) arrive as evenly as they were closed.
+  tokens = 0
   at = now
 end
 if now > at then
