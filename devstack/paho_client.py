@@ -370,24 +370,30 @@ class Fleet:
 def publish_many(port: int, messages: Sequence[tuple[str, bytes]], *, host: str = "127.0.0.1",
                  timeout: float = 10.0) -> None:
     """QoS 1 publishes of (topic, payload) straight to one broker over one connection, all in
-    flight at once; MqttError unless every one is acknowledged within ``timeout``."""
-    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"devstack-publisher-{os.getpid()}-{port}",
-                      protocol=paho.MQTTv311)
-    pub.max_inflight_messages_set(1000)
-    pub.max_queued_messages_set(0)
+    flight at once; MqttError unless every one is acknowledged (PUBACK) within ``timeout``.
+
+    Raw MQTT 3.1.1 on a blocking socket rather than paho: paho's loop uses select(), which a
+    test process holding hundreds of connections can outgrow (descriptors above 1023)."""
+    from devstack.mqtt import mqtt_connect, publish_packet, read_packet
+
     try:
-        pub.connect(host, port)
-    except OSError as exc:
+        sock = mqtt_connect(host, port, f"devstack-publisher-{os.getpid()}-{port}".encode(), timeout=timeout)
+    except (OSError, ConnectionError) as exc:
         raise MqttError(f"publisher: cannot connect to the broker on port {port}: {exc}") from None
-    pub.loop_start()
+    acked = 0
     try:
-        infos = [pub.publish(t, p, qos=1) for t, p in messages]
+        out = bytearray()
+        for i, (topic, payload) in enumerate(messages):
+            out += publish_packet(topic, payload, qos=1, packet_id=i % 65535 + 1)
+        sock.sendall(out)
         deadline = time.monotonic() + timeout
-        for info in infos:
-            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-        missing = sum(1 for info in infos if not info.is_published())
-        if missing:
-            raise MqttError(f"publisher: {missing} of {len(infos)} messages not acknowledged by port {port}")
+        while acked < len(messages):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            ptype, body = read_packet(sock)
+            if ptype == 4 and len(body) == 2:
+                acked += 1
+    except (OSError, ConnectionError) as exc:
+        raise MqttError(f"publisher: {len(messages) - acked} of {len(messages)} messages not acknowledged by "
+                        f"port {port}: {exc}") from None
     finally:
-        pub.disconnect()
-        pub.loop_stop()
+        sock.close()
