@@ -4,15 +4,16 @@ new owner. Clean sessions never wait."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
 
-from devstack import NODES, Stack, raw_connect, wait_until
+from devstack import NODES, Stack, agent_command, raw_connect, wait_until
 
 pytestmark = pytest.mark.haproxy
 
-GRACE = 3.0  # owner_down_grace of the agents here (seconds)
+GRACE = 5.0  # owner_down_grace of the agents here (seconds)
 
 
 def refused(port: int, cid: str) -> bool:
@@ -44,6 +45,12 @@ def test_owner_killed_clients_wait_then_move_and_balancers_agree(stack_factory, 
     assert stack.owner(cid) == old
     clean = raw_connect(ha2.port, cid.encode() + b"-clean", version=4, clean=True)
     assert clean == 0
+    # Counted by each agent, and `show` says why.
+    for b in (ha1, ha2):
+        assert 'mqtt_affinity_decisions_total{how="wait"} 1.0' in b.agent.metrics_text(), b.name
+    res = subprocess.run([agent_command(), "show", cid, "--config", str(ha1.agent.config_path)],
+                         capture_output=True, text=True, timeout=30)
+    assert f"{old} is down for less than owner_down_grace: the CONNECT is refused" in res.stdout, res.stdout
 
     # Reconnecting (as a client's backoff would) through the other balancer: refused until the
     # grace has passed, then its agent moves the record (compare-and-set), once.
