@@ -23,10 +23,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from agent.config import Config
 from agent.haproxy_api import RuntimeAPI, RuntimeAPIError
@@ -70,6 +72,14 @@ class EvictionObserver(Protocol):
     def evicted(self, node: str, count: int) -> None: ...
 
 
+@dataclass
+class _Progress:
+    """One node's evacuation on this balancer, for the log."""
+
+    closed: int = 0
+    empty_logged: bool = False
+
+
 class Evacuator:
     """One per agent process with ``haproxy_socket`` configured."""
 
@@ -94,8 +104,8 @@ class Evacuator:
         self._take = redis.register_script(evict_script())
         #: This HAProxy's client connections per node, as last read (None: not read yet).
         self.connections: dict[str, int] | None = None
-        #: node -> [connections closed since it started evacuating, whether "empty" was logged]
-        self._active: dict[str, list[int]] = {}
+        #: Nodes this agent is evacuating now.
+        self._active: dict[str, _Progress] = {}
         self._task: asyncio.Task[None] | None = None
 
     @staticmethod
@@ -161,42 +171,47 @@ class Evacuator:
         next_publish = 0.0
         while True:
             try:
-                targets = evacuation_targets(self._eligibility()) if self._redis_available() else {}
-                now = time.monotonic()
-                if targets or now >= next_publish:
-                    conns = await self.read_connections()
-                    if conns is not None and self._redis_available() and now >= next_publish:
-                        next_publish = now + PUBLISH_EVERY
-                        await self._publish(conns)
-                    if conns is not None:
-                        await self._evict(targets, conns)
-                self._forget(targets)
+                await self._round(time.monotonic() >= next_publish)
             except asyncio.CancelledError:
                 raise
+            except (RedisError, OSError) as exc:  # Redis went away mid-round: the breaker knows
+                warn_limited(log, "evacuate-redis", "evacuation round: Redis: %s", exc, interval=60.0)
             except Exception:
                 warn_limited(log, "evacuate-round", "evacuation round failed", exc_info=True, interval=60.0)
+            if time.monotonic() >= next_publish:
+                next_publish = time.monotonic() + PUBLISH_EVERY
             await asyncio.sleep(TICK)
 
-    def _forget(self, targets: Mapping[str, int]) -> None:
+    async def _round(self, publish: bool) -> None:
+        if not self._redis_available():
+            return  # no shared budget, nowhere to publish: wait for Redis (evacuations carry on then)
+        targets = evacuation_targets(self._eligibility())
+        if targets or publish:
+            conns = await self.read_connections()
+            if conns is not None:
+                if publish:
+                    await self._publish(conns)
+                await self._evict(targets, conns)
         for node in [n for n in self._active if n not in targets]:
-            closed, _ = self._active.pop(node)
-            log.info("node %s is no longer evacuating (closed %d client connections on this balancer)", node, closed)
+            log.info("node %s is no longer evacuating (closed %d client connections on this balancer)", node,
+                     self._active.pop(node).closed)
 
     async def _evict(self, targets: Mapping[str, int], conns: Mapping[str, int]) -> None:
         for node, rate in targets.items():
             have = conns.get(node, 0)
-            if node not in self._active:
-                self._active[node] = [0, 0]
+            progress = self._active.get(node)
+            if progress is None:
+                progress = self._active[node] = _Progress()
                 log.info("node %s is evacuating: closing its %d client connections on this balancer, at most "
                          "%d/s across all balancers", node, have, rate,
                          extra={"fields": {"node": node, "connections": have, "rate": rate}})
             if have <= 0:
-                if not self._active[node][1]:
-                    self._active[node][1] = 1
+                if not progress.empty_logged:
+                    progress.empty_logged = True
                     log.info("node %s: no client connection left on this balancer (closed %d)", node,
-                             self._active[node][0])
+                             progress.closed)
                 continue
-            self._active[node][1] = 0
+            progress.empty_logged = False
             burst = burst_for(rate)
             key = self._keys.evict(node)
             granted = int(await self._take(keys=[key], args=[rate, burst, min(have, burst)]))
@@ -211,7 +226,7 @@ class Evacuator:
                 if closed < granted:  # give back what was not used, for the other balancers
                     await self._take(keys=[key], args=[rate, burst, -(granted - closed)])
             if closed:
-                self._active[node][0] += closed
+                progress.closed += closed
                 if self._observer is not None:
                     self._observer.evicted(node, closed)
                 log.debug("node %s: closed %d client connections", node, closed)
