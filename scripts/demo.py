@@ -417,11 +417,13 @@ class Demo:
                  f"owner_down_grace ({DEMO_GRACE} s)", "its CONNECTs are refused (how=wait), then the next one, "
                  "through either balancer, moves it once and both follow the new record.")
         pid = broker.pid
+        # (step 5 restarted this broker: count this death's lines only)
+        seen = {bal.name: bal.agent.log_text().count(f"node {old} is down") for bal in self.balancers}
         broker.kill()
         out.info(f"killed mosquitto {old} (pid {pid})")
         t0 = time.monotonic()
         for bal in self.balancers:
-            wait_for(lambda bal=bal: f"node {old} is down" in bal.agent.log_text(), 5,
+            wait_for(lambda bal=bal: bal.agent.log_text().count(f"node {old} is down") > seen[bal.name], 5,
                      f"agent {bal.name} to notice that {old} is down",
                      detail=lambda bal=bal: tail(bal.agent.log_text()))
         seen_agents = time.monotonic() - t0
