@@ -46,6 +46,8 @@ TICK = 0.1
 PUBLISH_EVERY = 1.0
 #: Lifetime of a published ``conns:<agent>`` hash: a dead agent's counts vanish.
 CONNS_TTL = 5
+#: Seconds the runtime API may fail before a warning (HAProxy often starts after its agent).
+API_PATIENCE = 10.0
 
 
 def burst_for(rate: int) -> int:
@@ -99,6 +101,8 @@ class Evacuator:
         self._eligibility = eligibility
         self._redis_available = redis_available
         self._published: bytes | None = None  # the conns key last written
+        self._api_failing_since: float | None = None
+        self._api_warned = False
         self._observer = observer
         self._api = api or self._make_api(config)
         self._take = redis.register_script(evict_script())
@@ -145,8 +149,20 @@ class Evacuator:
         try:
             per_server = await self._api.server_connections(self._config.haproxy_backend)
         except RuntimeAPIError as exc:
-            warn_limited(log, "runtime-api", "HAProxy runtime API: %s", exc, interval=60.0)
+            # HAProxy usually starts after its agent (and restarts now and then): say so only when
+            # it lasts.
+            now = time.monotonic()
+            if self._api_failing_since is None:
+                self._api_failing_since = now
+            if now - self._api_failing_since >= API_PATIENCE:
+                self._api_warned = warn_limited(log, "runtime-api", "HAProxy runtime API: %s", exc,
+                                                interval=60.0) or self._api_warned
+            else:
+                log.debug("HAProxy runtime API: %s", exc)
             return None
+        if self._api_warned:
+            log.info("HAProxy runtime API %s answers again", self._api)
+        self._api_failing_since, self._api_warned = None, False
         names = {n.name for n in self._config.nodes}
         self.connections = {n: c for n, c in per_server.items() if n in names}
         return self.connections

@@ -119,6 +119,7 @@ class Stack:
         self.balancers: list[Balancer] = []
         self.processes: list[ManagedProcess] = []  # what this stack started, in order
         self._socket_dirs: list[Path] = []  # short folders for unix sockets, removed at close()
+        self._claimed: set[Path] = set()  # agents' haproxy_socket paths a balancer has taken
         if callable(workdir):
             self.workdir: Path | None = None
             self._make_dir: Callable[[str], Path] = workdir
@@ -176,8 +177,8 @@ class Stack:
             raise RuntimeError(f"{len(self.brokers)} brokers for {len(self.nodes)} nodes: start_brokers() first")
         spop, metrics, agent_check = free_port(), free_port(), free_port()
         workdir = self._make_dir(f"agent-{name}")
-        # The runtime API socket of the balancer of the same name (started later, with it):
-        # the agent evacuates through it and publishes its connection counts.
+        # The runtime API socket of the first balancer that asks this agent (started later): the
+        # agent evacuates through it and publishes its connection counts.
         sock = self._socket_path(workdir, "haproxy.sock")
         keys: dict[str, object] = {"agent_check_listen": f"127.0.0.1:{agent_check}", "haproxy_socket": str(sock)}
         keys.update({**self.agent_overrides, **(overrides or {})})
@@ -216,8 +217,11 @@ class Stack:
         hap_env = haproxy_env(mqtt_port=port, broker_addrs=[b.addr for b in self.brokers],
                               spoa_addrs=[a.addr for a in agents], balancer_name=name,
                               agent_check_port=own.agent_check_port if own else None, extra=env)
-        # Its own agent was told where this HAProxy's runtime API is: put it there.
-        sock = own.haproxy_socket if own is not None and own.label == name else None
+        # Its own agent was told where its balancer's runtime API is: the first balancer to ask
+        # that agent puts its socket there.
+        sock = own.haproxy_socket if own is not None and own.haproxy_socket not in self._claimed else None
+        if sock is not None:
+            self._claimed.add(sock)
         ha = HAProxy(self.haproxy_version, cfg_path, hap_env, workdir=self._make_dir(f"haproxy-{name}"),
                      label=name, binary=self.haproxy_binary, stats_socket=sock)
         self._start(ha)
