@@ -25,6 +25,8 @@ and keeps integers, hence 100 there: a weight below 1% of the largest is sent as
 
 If the agent cannot be reached, HAProxy keeps the last state and weight it was told
 ("Failure to connect to the agent is not considered an error"): a dead agent changes nothing.
+For the same reason an agent that has not read the node states from Redis yet (started during a
+Redis outage) answers nothing: ``ready`` from an empty view would undo a drain or a maintenance.
 """
 
 from __future__ import annotations
@@ -94,12 +96,15 @@ class AgentCheckServer:
         overrides: Callable[[], NodeOverrides],
         *,
         observer: AgentCheckObserver | None = None,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.host = host
         self.port = port
         self._nodes = nodes
         self._overrides = overrides
         self._observer = observer
+        #: False until the node states have been read from Redis once: then say nothing.
+        self._ready = ready
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -122,6 +127,10 @@ class AgentCheckServer:
             except (TimeoutError, asyncio.LimitOverrunError, ValueError):
                 line = b""
             node = line.decode("utf-8", "replace").strip()
+            if not self._ready():
+                warn_limited(log, "agent-check-not-ready", "agent-check: node states not read from Redis yet; "
+                             "HAProxy keeps what it has")
+                return
             if not node:
                 warn_limited(log, "agent-check-empty", "agent-check: no node name received (set agent-send "
                              "\"NODE\\n\" on the HAProxy server line)")

@@ -52,8 +52,12 @@ class App:
         self.agent_check: AgentCheckServer | None = None
         if config.agent_check_listen is not None:
             host, port = config.agent_check_listen
+            # Silent until the overrides come from Redis (a new object each load): an empty view at
+            # a start during a Redis outage would tell HAProxy to undo every drain.
+            unloaded = self.refresher.overrides
             self.agent_check = AgentCheckServer(host, port, lambda: self.config.nodes,
-                                                lambda: self.refresher.overrides, observer=self.metrics)
+                                                lambda: self.refresher.overrides, observer=self.metrics,
+                                                ready=lambda: self.refresher.overrides is not unloaded)
         # Active evacuation and connection counts, through this balancer's HAProxy runtime API.
         self.evacuator: Evacuator | None = None
         self._connections: dict[str, int] | None = None

@@ -85,6 +85,26 @@ def test_server_answers_one_line_per_connection() -> None:
     assert seen == ["active", "drain", "active", "unknown"]
 
 
+def test_server_says_nothing_before_the_states_are_read() -> None:
+    """Started while Redis is down: an answer from an empty view would undo HAProxy's drains."""
+    loaded = False
+
+    async def main() -> list[bytes]:
+        server = AgentCheckServer("127.0.0.1", 0, lambda: CONFIGURED, NodeOverrides, ready=lambda: loaded)
+        await server.start()
+        try:
+            return [await _ask(server.port, b"node1\n"), await _set_and_ask(server.port)]
+        finally:
+            await server.stop()
+
+    async def _set_and_ask(port: int) -> bytes:
+        nonlocal loaded
+        loaded = True
+        return await _ask(port, b"node1\n")
+
+    assert asyncio.run(main()) == [b"", b"ready up 50%\n"]
+
+
 # --------------------------------------------------------------------------- with HAProxy
 
 
@@ -151,6 +171,23 @@ def test_node_states_show_in_haproxy_and_outlive_the_agent(stack: Stack, haproxy
     wait_until(lambda: set(agent_checks().values()) == {"L4CON"}, timeout=10,
                message=lambda: f"HAProxy did not find the dead agent: {agent_checks()}")
     assert _servers(ha1) == {"node1": ("UP", 100), "node2": ("DRAIN (agent)", 25), "node3": ("UP", 25)}
+
+    # The agent restarted while Redis is down knows no node state: it says nothing (an answer from
+    # an empty view, "ready", would undo the drain), and HAProxy keeps what it has.
+    assert stack.redis is not None
+    stack.redis.stop()
+    ha1.agent.start().wait_listening()
+    def last_agent_check(server: str) -> str:
+        return next(r["last_agt"] for r in ha1.haproxy.stats() if r["pxname"] == "be_mqtt" and r["svname"] == server)
+
+    # HAProxy reached it (no longer L4CON) and got no line.
+    wait_until(lambda: "empty response" in last_agent_check("node2"), timeout=10,
+               message=lambda: f"{last_agent_check('node2')!r}\n{ha1.agent.log_text()[-2000:]}")
+    assert "node states not read from Redis yet" in ha1.agent.stderr_text()
+    assert _servers(ha1)["node2"] == ("DRAIN (agent)", 25)
+    ha1.agent.kill()
+    stack.redis.start()
+    ha1.haproxy.wait_server_status("be_spoa", "spoa1", "DOWN")
 
     # With no agent to ask (the nbsrv guard skips SPOE), HAProxy's hash fallback routes, and it
     # does not pick the drained node2 for new clients ...
