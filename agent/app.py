@@ -18,14 +18,17 @@ import logging
 import signal
 from pathlib import Path
 
+from agent.agent_check import AgentCheckServer
 from agent.config import Config, ConfigError, load_config
 from agent.core import Core
 from agent.dispatch import AffinityDispatcher
+from agent.evacuate import Evacuator
 from agent.health import HealthMonitor
 from agent.http import HttpEndpoint
 from agent.logs import setup_logging, warn_limited
-from agent.metrics import Metrics, SpopMetricsObserver, StateCollector
-from agent.model import ExitCode
+from agent.metrics import ConnectionsCollector, Metrics, SpopMetricsObserver, StateCollector
+from agent.model import ExitCode, Keys
+from agent.node_down import NodeDownPublisher
 from agent.server import SpopServer
 
 log = logging.getLogger("mqtt_affinity")
@@ -33,7 +36,7 @@ log = logging.getLogger("mqtt_affinity")
 # Keys a SIGHUP cannot change without re-binding sockets or pools: a restart applies them.
 RESTART_ONLY = (
     "listen", "metrics_listen", "redis_url", "key_prefix", "redis_pool_size", "max_frame_size",
-    "max_in_flight", "max_connections", "health",
+    "max_in_flight", "max_connections", "health", "agent_check_listen", "haproxy_socket",
 )  # hello_timeout applies to connections opened after a reload; drain_period is read at SIGTERM
 
 
@@ -43,12 +46,30 @@ class App:
         self.config_path = config_path
         self.metrics = Metrics()
         self.metrics.bind_nodes(n.name for n in config.nodes)
-        # Node transitions are logged once, by the monitor itself.
-        self.health = HealthMonitor(config.nodes, config.health)
+        # Node transitions are logged once, by the monitor itself; published for the CLI.
+        self.health = HealthMonitor(config.nodes, config.health, on_change=self._node_changed)
         self.core = Core.build(
             config, lambda: self.health.healthy, down_since=lambda: self.health.down_since, observer=self.metrics
         )
         self.breaker, self.refresher, self.engine = self.core.breaker, self.core.refresher, self.core.engine
+        self.node_down = NodeDownPublisher(self.core.store.redis, Keys(config.key_prefix))
+        # HAProxy's agent-check: node states and weights in HAProxy's own stats and hash fallback.
+        self.agent_check: AgentCheckServer | None = None
+        if config.agent_check_listen is not None:
+            host, port = config.agent_check_listen
+            # Silent until the overrides come from Redis (a new object each load): an empty view at
+            # a start during a Redis outage would tell HAProxy to undo every drain.
+            unloaded = self.refresher.overrides
+            self.agent_check = AgentCheckServer(host, port, lambda: self.config.nodes,
+                                                lambda: self.refresher.overrides, observer=self.metrics,
+                                                ready=lambda: self.refresher.overrides is not unloaded)
+        # Active evacuation and connection counts, through this balancer's HAProxy runtime API.
+        self.evacuator: Evacuator | None = None
+        self._connections: dict[str, int] | None = None
+        if config.haproxy_socket is not None:
+            self.evacuator = Evacuator(config, self.core.store.redis, self.engine.eligibility,
+                                       lambda: self.breaker.available, observer=self.metrics)
+            self.metrics.registry.register(ConnectionsCollector(lambda: self._connections))
         self._sessions: tuple[dict[str, int], float | None] | None = None
         self.metrics.registry.register(
             StateCollector(self.engine.node_views, lambda: self.breaker.available, lambda: self._sessions)
@@ -85,6 +106,8 @@ class App:
     async def render_metrics(self) -> bytes:
         """One scrape: session counts are read from Redis now, the rest by the collector."""
         self._sessions = await self.refresher.session_counts()
+        if self.evacuator is not None:
+            self._connections = await self.evacuator.read_connections()
         if self._sessions is None and self.breaker.available:
             warn_limited(log, "metrics-sessions", "metrics: session counts could not be read from Redis",
                          interval=60.0)
@@ -127,15 +150,21 @@ class App:
     async def start(self) -> None:
         await self.health.start()
         await self.core.start()
+        if self.agent_check is not None:
+            await self.agent_check.start()
+        if self.evacuator is not None:
+            await self.evacuator.start()
         await self.server.start()
         if self.http is not None:
             await self.http.start()
         _tune_gc()
         log.info(
-            "listening: spop %s:%d, http %s, redis %s, nodes %s",
+            "listening: spop %s:%d, http %s, agent-check %s, redis %s, nodes %s; haproxy runtime api %s",
             self.config.listen[0], self.server.port,
             f"{self.http.host}:{self.http.port}" if self.http else "off",
+            f"{self.agent_check.host}:{self.agent_check.port}" if self.agent_check else "off",
             self.config.redis_url_redacted, ",".join(n.name for n in self.config.nodes),
+            self.evacuator.api if self.evacuator else "off (evacuate is passive)",
         )
 
     async def stop(self) -> None:
@@ -143,6 +172,11 @@ class App:
         if self.http is not None:
             await self.http.stop()
         await self.health.stop()
+        if self.evacuator is not None:
+            await self.evacuator.stop()
+        if self.agent_check is not None:
+            await self.agent_check.stop()
+        await self.node_down.stop()
         await self.core.stop()
         log.info("stopped")
 
@@ -151,6 +185,9 @@ class App:
         if self._stop.is_set():
             self._cut_drain.set()
         self._stop.set()
+
+    def _node_changed(self, node: str, up: bool) -> None:
+        self.node_down.on_change(node, up)
 
     # -- reload ------------------------------------------------------------------
 
@@ -175,6 +212,8 @@ class App:
         self.health.update_nodes(new.nodes)
         self.server.hello_timeout = new.hello_timeout
         self.core.reload(new)
+        if self.evacuator is not None:
+            self.evacuator.reload(new)
         self.metrics.bind_nodes(n.name for n in new.nodes)
         setup_logging(new.log_level, new.log_format)
         self.config = new

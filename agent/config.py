@@ -15,6 +15,8 @@ YAML shape (see ``config/agent.yaml`` for an annotated example)::
         weight: 1                # optional, >= 0 (0 = no new placements)
     listen: 127.0.0.1:12345      # or {host: ..., port: ...}
     metrics_listen: 127.0.0.1:9898   # null disables the HTTP endpoint
+    agent_check_listen: 127.0.0.1:12346   # HAProxy agent-check; null disables it
+    haproxy_socket: /run/haproxy/mqtt-affinity.sock   # runtime API (or host:port); null: passive evacuation
     health: {check: tcp, interval: 1.0, timeout: 0.5, rise: 2, fall: 2}
     ...                          # the other scalar fields of Config
 """
@@ -117,6 +119,13 @@ class Config:
     #: Seconds between record sweeps (expired records out, sessions per node counted); one
     #: agent sweeps at a time.
     sweep_interval: float = 300.0
+    #: HAProxy ``agent-check`` listener (node state and weight for each broker server); None: off.
+    agent_check_listen: tuple[str, int] | None = ("127.0.0.1", 12346)
+    #: This balancer's HAProxy runtime API: a unix socket path, or (host, port) of a TCP stats
+    #: socket. None: no active evacuation and no connection counts (evacuate is passive).
+    haproxy_socket: str | tuple[str, int] | None = None
+    #: The HAProxy backend whose servers are the brokers (the shipped haproxy.cfg's ``be_mqtt``).
+    haproxy_backend: str = "be_mqtt"
     #: SPOP connections served at once; past it new ones are closed at once (HAProxy opens
     #: ~70 per balancer under load, so the default leaves room for a dozen balancers).
     max_connections: int = 1024
@@ -157,6 +166,8 @@ _HOSTNAME_RE = re.compile(
     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
 )
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+# HAProxy proxy names: letters, digits, '-', '_', '.', ':'.
+_PROXY_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 _TOP_KEYS = frozenset(
     {
@@ -182,6 +193,9 @@ _TOP_KEYS = frozenset(
         "failover_journal",
         "hello_timeout",
         "drain_period",
+        "agent_check_listen",
+        "haproxy_socket",
+        "haproxy_backend",
         "health",
         "log_level",
         "log_format",
@@ -363,6 +377,28 @@ def _parse_redis_url(value: object) -> str:
     return url
 
 
+def _same_port(a: tuple[str, int] | None, b: tuple[str, int] | None) -> bool:
+    """Two listeners that would collide: same port on the same or a wildcard address."""
+    if a is None or b is None or a[1] != b[1]:
+        return False
+    return a[0] == b[0] or "0.0.0.0" in (a[0], b[0]) or "::" in (a[0], b[0])
+
+
+def _parse_haproxy_socket(value: object) -> str | tuple[str, int] | None:
+    """An absolute unix socket path (``/run/haproxy/admin.sock``, ``unix:`` optional) or host:port."""
+    if value is None:
+        return None
+    text = _get_str(value, "haproxy_socket").strip()
+    path = text[len("unix:"):] if text.startswith("unix:") else text
+    if path.startswith("/"):
+        if len(path.encode()) > 107:
+            raise ConfigError("haproxy_socket", "unix socket path longer than 107 bytes")
+        return path
+    if text.startswith("unix:"):
+        raise ConfigError("haproxy_socket", f"unix socket path must be absolute, got {path!r}")
+    return _parse_address(text, "haproxy_socket", allow_wildcard=False)
+
+
 def parse_config(data: object, source: str = "<config>") -> Config:
     """Validate an already-parsed YAML document and build a :class:`Config`.
 
@@ -386,12 +422,27 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         kw["metrics_listen"] = (
             None if ml is None else _parse_address(ml, "metrics_listen", allow_wildcard=True)
         )
+    if "agent_check_listen" in data:
+        ac = data["agent_check_listen"]
+        kw["agent_check_listen"] = (
+            None if ac is None else _parse_address(ac, "agent_check_listen", allow_wildcard=True)
+        )
     listen = kw.get("listen", d.listen)
     metrics = kw.get("metrics_listen", d.metrics_listen)
-    if metrics is not None and metrics[1] == listen[1] and (
-        metrics[0] == listen[0] or "0.0.0.0" in (metrics[0], listen[0]) or "::" in (metrics[0], listen[0])
-    ):
+    if _same_port(metrics, listen):
         raise ConfigError("metrics_listen", f"conflicts with listen (port {listen[1]})")
+    agent_check = kw.get("agent_check_listen", d.agent_check_listen)
+    for other, name in ((listen, "listen"), (metrics, "metrics_listen")):
+        if _same_port(agent_check, other):
+            assert other is not None
+            raise ConfigError("agent_check_listen", f"conflicts with {name} (port {other[1]})")
+    if "haproxy_socket" in data:
+        kw["haproxy_socket"] = _parse_haproxy_socket(data["haproxy_socket"])
+    if "haproxy_backend" in data:
+        backend = _get_str(data["haproxy_backend"], "haproxy_backend")
+        if not _PROXY_NAME_RE.match(backend):
+            raise ConfigError("haproxy_backend", f"invalid HAProxy backend name {backend!r}")
+        kw["haproxy_backend"] = backend
 
     if "redis_url" in data:
         kw["redis_url"] = _parse_redis_url(data["redis_url"])

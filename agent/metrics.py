@@ -28,6 +28,7 @@ FRAME_KINDS = ("hello", "notify", "disconnect", "ack")
 # Decisions take 0.1-2 ms normally; the tail up to HAProxy's processing timeout matters.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5)
 OTHER_NODE = "_other"
+AGENT_CHECK_STATES = (*(s.value for s in NodeState), "unknown")
 
 
 class Metrics:
@@ -61,6 +62,15 @@ class Metrics:
             "mqtt_affinity_pins_ignored", "Pins ignored because their node was down or unknown", ["node"], registry=r
         )
         self._routed = Counter("mqtt_affinity_routed", "Decisions that named a node, by node", ["node"], registry=r)
+        self._evictions = Counter(
+            "mqtt_affinity_evictions",
+            "Client connections closed on this balancer's HAProxy by active evacuation, by node", ["node"], registry=r,
+        )
+        self._agent_checks = Counter(
+            "mqtt_affinity_agent_checks", "HAProxy agent-check answers, by the node state answered", ["state"],
+            registry=r,
+        )
+        self.agent_checks = {k: self._agent_checks.labels(k) for k in AGENT_CHECK_STATES}
         self.spop_connections = Gauge("mqtt_affinity_spop_connections", "Open SPOP connections", registry=r)
         self.spop_connections_total = Counter(
             "mqtt_affinity_spop_connections_opened", "SPOP connections accepted", registry=r
@@ -79,6 +89,7 @@ class Metrics:
         self.pins: dict[str, Counter] = {}
         self.pins_ignored: dict[str, Counter] = {}
         self.routed: dict[str, Counter] = {}
+        self.evictions: dict[str, Counter] = {}
         self.bind_nodes(())
 
     def bind_nodes(self, names: Iterable[str]) -> None:
@@ -88,6 +99,7 @@ class Metrics:
         self.pins = {n: self._pins.labels(n) for n in names}
         self.pins_ignored = {n: self._pins_ignored.labels(n) for n in names}
         self.routed = {n: self._routed.labels(n) for n in names}
+        self.evictions = {n: self._evictions.labels(n) for n in names}
 
     @staticmethod
     def _pick(children: dict[str, Counter], node: str) -> Counter:
@@ -110,6 +122,16 @@ class Metrics:
     def record_redis_error(self, cause: FallbackCause) -> None:
         """A decision that did not get its answer from Redis: an error now, or an open breaker."""
         self.redis_errors[cause].inc()
+
+    def evicted(self, node: str, count: int) -> None:
+        """The evacuator's observer hook."""
+        self._pick(self.evictions, node).inc(count)
+
+    def agent_check(self, state: str) -> None:
+        """The agent-check server's observer hook (``state``: a node state, or ``unknown``)."""
+        child = self.agent_checks.get(state)
+        if child is not None:
+            child.inc()
 
     def redis_round_trip(self, seconds: float) -> None:
         """The engine's observer hook."""
@@ -169,6 +191,31 @@ class StateCollector(Collector):
             yield GaugeMetricFamily("mqtt_affinity_sessions_counted_timestamp_seconds",
                                     "When the record sweep last counted the sessions (unix time)", value=counted[1])
         yield GaugeMetricFamily("mqtt_affinity_redis_up", "1 while Redis answers", value=1 if self._redis_up() else 0)
+
+
+class ConnectionsCollector(Collector):
+    """``mqtt_affinity_node_connections``: client connections per node through this balancer's
+    HAProxy, read from its runtime API for the scrape (absent without ``haproxy_socket``, or
+    when HAProxy did not answer)."""
+
+    def __init__(self, connections: Callable[[], Mapping[str, int] | None]) -> None:
+        self._connections = connections
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        conns = self._connections()
+        if conns is None:
+            return
+        family = GaugeMetricFamily(
+            "mqtt_affinity_node_connections",
+            "Client connections to the node through this balancer's HAProxy (its runtime API, at scrape time)",
+            labels=["node"],
+        )
+        for node, count in sorted(conns.items()):
+            family.add_metric([node], count)
+        yield family
 
 
 class SpopMetricsObserver:

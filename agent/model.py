@@ -120,7 +120,8 @@ class Keys:
 
     Global (one key each, so each may live in its own slot): node states, weights, rates,
     the session counts of the last sweep, the sweep lease, one evacuation budget per node,
-    the layout. Each kind has its own fixed text after ``P``, and ``P`` may not contain
+    the layout, when nodes went down, connection counts per HAProxy, one eviction token
+    bucket per node. Each kind has its own fixed text after ``P``, and ``P`` may not contain
     braces, so no client id can reach another kind of key.
     """
 
@@ -133,12 +134,15 @@ class Keys:
     SWEEP_LEASE: Final = b"sweep-lease"
     EVAC: Final = b"evac-budget:"
     LAYOUT: Final = b"layout"
+    NODE_DOWN: Final = b"node-down"
+    CONNS: Final = b"conns:"
+    EVICT: Final = b"evict:"
     # Version 1 (read through, then removed by `mqtt-affinity migrate`).
     V1_OWNER: Final = b"owner:"
     V1_PIN: Final = b"pin:"
     V1_PLACED: Final = b"placed:"
 
-    __slots__ = ("buckets", "evacuate_rate", "layout", "node_state", "node_weight", "prefix", "raw",
+    __slots__ = ("buckets", "evacuate_rate", "layout", "node_down", "node_state", "node_weight", "prefix", "raw",
                  "sessions", "sweep_lease")
 
     def __init__(self, prefix: str = DEFAULT_PREFIX, buckets: int = DEFAULT_BUCKETS) -> None:
@@ -161,6 +165,9 @@ class Keys:
         self.sweep_lease = self.raw + self.SWEEP_LEASE
         #: HASH {version, buckets}: written once, read by every agent and the CLI.
         self.layout = self.raw + self.LAYOUT
+        #: HASH node -> unix time an agent's probes found it down (informational: written on
+        #: the down transition, removed on the up one; the CLI shows "down since" from it).
+        self.node_down = self.raw + self.NODE_DOWN
 
     def with_buckets(self, buckets: int) -> Keys:
         return Keys(self.prefix, buckets)
@@ -193,6 +200,15 @@ class Keys:
 
     def v1_placed(self, node: str) -> bytes:
         return self.raw + self.V1_PLACED + node.encode("utf-8")
+
+    def conns(self, haproxy: str) -> bytes:
+        """HASH node -> client connections through one HAProxy process (``<node>:<pid>``), plus
+        ``_at`` (unix time); short EXPIRE, refreshed by its agents (those with ``haproxy_socket``)."""
+        return self.raw + self.CONNS + haproxy.encode("utf-8")
+
+    def evict(self, node: str) -> bytes:
+        """HASH ``{tokens, at}``: the shared token bucket of active evacuation of ``node``."""
+        return self.raw + self.EVICT + node.encode("utf-8")
 
     def scan_pattern(self, infix: bytes) -> bytes:
         """A SCAN MATCH pattern for keys that start with ``P`` + ``infix`` (glob characters escaped)."""

@@ -289,7 +289,11 @@ class _SpopProtocol(asyncio.BufferedProtocol):
         elif isinstance(event, Disconnect):
             obs.frame_received("disconnect")
             obs.disconnect("haproxy", int(event.status))
-            if event.status != Status.NORMAL:
+            if event.status == Status.TIMEOUT:
+                # HAProxy 2.6 closes connections idle past `timeout idle` with this status:
+                # routine, not worth a warning.
+                log.debug("HAProxy %s closed an idle connection (%s)", self.peer, event.message)
+            elif event.status != Status.NORMAL:
                 warn_limited(log, f"haproxy-disconnect-{event.status}",
                              "HAProxy %s disconnected: status %s (%s)", self.peer, event.status, event.message)
             self._abort_work()

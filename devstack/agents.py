@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -105,6 +106,7 @@ class AgentProcess(ManagedProcess):
     ``start()`` only checks that it did not die at once; use ``wait_listening()``.
     ``spop_port``/``metrics_port``, when given, are where its config makes it listen (the
     Stack gives them): ``addr`` is then its SPOP address and ``metrics_text()`` works.
+    ``reconfigure(**keys)`` rewrites top-level keys of its YAML and reloads it (SIGHUP).
     """
 
     name = "agent"
@@ -120,6 +122,8 @@ class AgentProcess(ManagedProcess):
         label: str = "",
         spop_port: int | None = None,
         metrics_port: int | None = None,
+        agent_check_port: int | None = None,
+        haproxy_socket: str | Path | None = None,
     ) -> None:
         if label:
             self.name = f"agent-{label}"
@@ -130,6 +134,10 @@ class AgentProcess(ManagedProcess):
         self.extra_args = list(extra_args)
         self.spop_port = spop_port
         self.metrics_port = metrics_port
+        #: Its agent-check listener (``agent_check_listen``), and the HAProxy runtime API socket
+        #: it is configured with (``haproxy_socket``): the balancer it serves uses both.
+        self.agent_check_port = agent_check_port
+        self.haproxy_socket = Path(haproxy_socket) if haproxy_socket else None
         self._env = dict(os.environ)
         self._env.setdefault("PYTHONUNBUFFERED", "1")
         self._env.update(env or {})
@@ -185,6 +193,23 @@ class AgentProcess(ManagedProcess):
         rc = self._reaped()
         assert rc is not None
         return rc
+
+    def reconfigure(self, timeout: float = 10.0, **keys: object) -> None:
+        """Set top-level keys of its YAML (None removes one), SIGHUP it and wait until it logs
+        the reload (ProcessFailed if it exits; TimeoutError if it never reloads)."""
+        import yaml
+
+        data = yaml.safe_load(self.config_path.read_text())
+        for key, value in keys.items():
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = value
+        self.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        before = self.stderr_text().count("reloaded ")
+        self.send_signal(signal.SIGHUP)
+        wait_until(lambda: self.check_alive() and self.stderr_text().count("reloaded ") > before, timeout=timeout,
+                   message=lambda: f"{self.name} did not reload within {timeout}s\n{self.log_text()[-3000:]}")
 
     def metrics_text(self, timeout: float = 2.0) -> str:
         """The body of its /metrics (OSError if it does not answer)."""

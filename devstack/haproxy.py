@@ -87,6 +87,7 @@ def haproxy_env(
     spoa_addrs: Sequence[str] = (),
     balancer_name: str = "ha1",
     spoe_conf: str | Path = SPOE_CONF,
+    agent_check_port: int | None = None,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment variables that haproxy/haproxy.cfg (and native-stick.cfg) read.
@@ -96,6 +97,9 @@ def haproxy_env(
     port nobody listens on (the agent is then DOWN). The first agent is ``SPOA_ADDR`` (the
     balancer's own), the second ``SPOA_PEER_ADDR`` (haproxy.cfg's backup agent), any after
     them ``SPOA_PEER2_ADDR``, ``SPOA_PEER3_ADDR``... (for configs with more backup lines).
+    ``agent_check_port``: where the broker servers' agent-check goes (the agent's
+    ``agent_check_listen`` on 127.0.0.1); default a free port nobody listens on, so no agent
+    of another test answers (HAProxy then keeps every server as configured).
     The stats socket is added by ``HAProxy`` itself.
     """
     addrs = list(broker_addrs)
@@ -111,6 +115,8 @@ def haproxy_env(
         "NODE3_ADDR": addrs[2],
         "SPOE_CONF": str(spoe_conf),
         "BALANCER_NAME": balancer_name,
+        "AGENT_CHECK_ADDR": "127.0.0.1",
+        "AGENT_CHECK_PORT": str(agent_check_port or free_port()),
     }
     for i, addr in enumerate(agents):
         env["SPOA_ADDR" if i == 0 else "SPOA_PEER_ADDR" if i == 1 else f"SPOA_PEER{i}_ADDR"] = addr
@@ -148,7 +154,8 @@ class HAProxy(ManagedProcess):
 
     ``env`` is added to the environment (see ``haproxy_env``); ``HAPROXY_STATS_SOCKET`` is
     set to a socket in the work directory (in a short temporary folder if that path is too
-    long for AF_UNIX), and ``SPOE_CONF`` defaults to the shipped spoe-mqtt.conf. ``binary``
+    long for AF_UNIX; or ``stats_socket``, e.g. a path an agent was configured with), and
+    ``SPOE_CONF`` defaults to the shipped spoe-mqtt.conf. ``binary``
     overrides the binary ``haproxy_binary(version)`` finds. The configuration is validated
     with ``-c`` before starting (ProcessFailed carries HAProxy's output). ``log_lines()`` has
     everything it printed.
@@ -165,6 +172,7 @@ class HAProxy(ManagedProcess):
         label: str = "",
         *,
         binary: str | None = None,
+        stats_socket: str | Path | None = None,
     ) -> None:
         if label:
             self.name = f"haproxy-{label}"
@@ -172,9 +180,9 @@ class HAProxy(ManagedProcess):
         self.version = version
         self.binary = binary or haproxy_binary(version)
         self.cfg_path = Path(cfg_path)
-        self.stats_socket = self.workdir / "stats.sock"
+        self.stats_socket = Path(stats_socket) if stats_socket else self.workdir / "stats.sock"
         self._socket_dir: Path | None = None
-        if len(str(self.stats_socket)) > _MAX_SOCKET_PATH:
+        if stats_socket is None and len(str(self.stats_socket)) > _MAX_SOCKET_PATH:
             self._socket_dir = Path(tempfile.mkdtemp(prefix="devstack-haproxy-"))
             self.stats_socket = self._socket_dir / "stats.sock"
         self._env = dict(os.environ)

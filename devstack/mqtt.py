@@ -51,6 +51,12 @@ def connect_packet(
     return b"\x10" + _varint(len(body)) + body
 
 
+def publish_packet(topic: str, payload: bytes, *, qos: int = 0, packet_id: int = 1) -> bytes:
+    """An MQTT 3.1.1 PUBLISH (QoS 0 or 1; a packet id only with QoS 1)."""
+    body = _str(topic.encode()) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return bytes([0x30 | (qos << 1)]) + _varint(len(body)) + body
+
+
 def read_packet(sock: socket.socket) -> tuple[int, bytes]:
     """Read one MQTT packet: (packet type, body)."""
     first = _recv_exact(sock, 1)[0]

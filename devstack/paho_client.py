@@ -7,6 +7,7 @@ Not imported by ``devstack/__init__.py``: only what needs paho-mqtt imports it.
 from __future__ import annotations
 
 import os
+import selectors
 import threading
 import time
 from collections.abc import Sequence
@@ -183,3 +184,216 @@ def publish_direct(port: int, topic: str, payloads: Sequence[bytes], *, host: st
     finally:
         pub.disconnect()
         pub.loop_stop()
+
+
+@dataclass
+class Connect:
+    """One CONNACK a ``Subscriber`` got."""
+
+    at: float  # time.monotonic()
+    session_present: bool
+    reason_code: int
+
+
+class Subscriber:
+    """A long-lived paho client (MQTT 3.1.1, clean session 0) as devices run them: reconnects
+    on its own after a lost connection, with backoff (``reconnect``: min, max seconds), and
+    subscribes to ``topic`` at QoS 1 whenever the broker has no session for it (session
+    present = 0). Records every CONNACK, disconnect and message. Made and driven by a
+    :class:`Fleet`."""
+
+    def __init__(self, cid: str, port: int, topic: str | None, host: str, reconnect: tuple[float, float],
+                 keepalive: int) -> None:
+        self.cid = cid
+        self.port = port
+        self.host = host
+        self.topic = topic
+        self.keepalive = keepalive
+        self.backoff = reconnect
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=paho.MQTTv311,
+                                  clean_session=False)
+        self.lock = threading.Lock()
+        self.connects: list[Connect] = []
+        self.disconnects: list[float] = []
+        self.messages: list[bytes] = []
+        self.subscribed = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.client.on_message = self._on_message
+        # Driver state (the fleet's thread only).
+        self.delay = reconnect[0]
+        self.retry_at: float | None = 0.0  # when to (re)connect; None while connected or stopped
+        self.stopped = False
+
+    def _on_connect(self, client, userdata, flags, reason_code, props) -> None:
+        rc = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
+        with self.lock:
+            self.connects.append(Connect(time.monotonic(), bool(flags.session_present), rc))
+        if rc == 0:
+            self.delay = self.backoff[0]
+            if not flags.session_present and self.topic:
+                self.subscribed.clear()
+                client.subscribe(self.topic, qos=1)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self.lock:
+            self.messages.append(msg.payload)
+
+    @property
+    def connected(self) -> int:
+        """How many successful CONNACKs it has had."""
+        with self.lock:
+            return sum(1 for c in self.connects if c.reason_code == 0)
+
+    @property
+    def last(self) -> Connect | None:
+        with self.lock:
+            return self.connects[-1] if self.connects else None
+
+    def received(self, payload: bytes) -> bool:
+        with self.lock:
+            return payload in self.messages
+
+
+class Fleet:
+    """Hundreds of :class:`Subscriber` driven by ONE thread over epoll, through paho's external
+    loop API (``loop_read``/``loop_write``/``loop_misc`` and the socket callbacks).
+
+    Why not ``loop_start()`` per client: paho's own loop uses ``select()``, which cannot watch a
+    file descriptor above 1023; a test process with a few hundred clients (and whatever else it
+    has open) gets there, and those clients then silently never send their CONNECT.
+
+        with Fleet() as fleet:
+            subs = [fleet.add(f"c{i}", port, f"t/{i}") for i in range(200)]
+    """
+
+    MISC_EVERY = 0.5
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._subs: list[Subscriber] = []
+        self._pending: list[Subscriber] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="paho-fleet", daemon=True)
+        self._thread.start()
+
+    def add(self, cid: str, port: int, topic: str | None = None, *, host: str = "127.0.0.1",
+            reconnect: tuple[float, float] = (1, 2), keepalive: int = 30) -> Subscriber:
+        """A new subscriber, connecting at once (in the fleet's thread)."""
+        sub = Subscriber(cid, port, topic, host, reconnect, keepalive)
+        c = sub.client
+        c.on_socket_open = lambda client, userdata, sock: self._sel.register(sock, selectors.EVENT_READ, sub)
+        c.on_socket_close = lambda client, userdata, sock: self._unregister(sock)
+        c.on_socket_register_write = lambda client, userdata, sock: self._sel.modify(
+            sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sub)
+        c.on_socket_unregister_write = lambda client, userdata, sock: self._modify_read(sock, sub)
+        c.on_disconnect = lambda *a: self._lost(sub)
+        with self._lock:
+            self._pending.append(sub)
+        return sub
+
+    def _unregister(self, sock: object) -> None:
+        try:
+            self._sel.unregister(sock)  # type: ignore[arg-type]
+        except (KeyError, ValueError):
+            pass
+
+    def _modify_read(self, sock: object, sub: Subscriber) -> None:
+        try:
+            self._sel.modify(sock, selectors.EVENT_READ, sub)  # type: ignore[arg-type]
+        except (KeyError, ValueError):
+            pass
+
+    def _lost(self, sub: Subscriber) -> None:
+        with sub.lock:
+            sub.disconnects.append(time.monotonic())
+        if not sub.stopped:
+            sub.retry_at = time.monotonic() + sub.delay
+            sub.delay = min(sub.delay * 2, sub.backoff[1])
+
+    def _connect(self, sub: Subscriber) -> None:
+        sub.retry_at = None
+        try:
+            if sub.connects or sub.disconnects:
+                sub.client.reconnect()
+            else:
+                sub.client.connect(sub.host, sub.port, keepalive=sub.keepalive)
+        except OSError:
+            self._lost(sub)
+
+    def _run(self) -> None:
+        next_misc = time.monotonic()
+        while not self._stop.is_set():
+            with self._lock:
+                self._subs += self._pending
+                self._pending.clear()
+            now = time.monotonic()
+            for sub in self._subs:
+                if sub.retry_at is not None and sub.retry_at <= now and not sub.stopped:
+                    self._connect(sub)
+            for key, mask in self._sel.select(timeout=0.02):
+                client = key.data.client
+                if mask & selectors.EVENT_READ:
+                    client.loop_read()
+                if mask & selectors.EVENT_WRITE and client.socket() is not None:
+                    client.loop_write()
+            if now >= next_misc:
+                next_misc = now + self.MISC_EVERY
+                for sub in self._subs:
+                    if sub.client.socket() is not None:
+                        sub.client.loop_misc()
+        for sub in self._subs:  # stopping: say goodbye, close every socket
+            sub.stopped = True
+            if sub.client.socket() is not None:
+                try:
+                    sub.client.disconnect()
+                    sub.client.loop_write()
+                except OSError:
+                    pass
+                if sub.client.socket() is not None:
+                    sub.client._sock_close()  # paho has no public close for an external loop
+        self._sel.close()
+
+    def close(self) -> None:
+        """Disconnect every client and stop the thread."""
+        self._stop.set()
+        self._thread.join(10)
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def publish_many(port: int, messages: Sequence[tuple[str, bytes]], *, host: str = "127.0.0.1",
+                 timeout: float = 10.0) -> None:
+    """QoS 1 publishes of (topic, payload) straight to one broker over one connection, all in
+    flight at once; MqttError unless every one is acknowledged (PUBACK) within ``timeout``.
+
+    Raw MQTT 3.1.1 on a blocking socket rather than paho: paho's loop uses select(), which a
+    test process holding hundreds of connections can outgrow (descriptors above 1023)."""
+    from devstack.mqtt import mqtt_connect, publish_packet, read_packet
+
+    try:
+        sock = mqtt_connect(host, port, f"devstack-publisher-{os.getpid()}-{port}".encode(), timeout=timeout)
+    except (OSError, ConnectionError) as exc:
+        raise MqttError(f"publisher: cannot connect to the broker on port {port}: {exc}") from None
+    acked = 0
+    try:
+        out = bytearray()
+        for i, (topic, payload) in enumerate(messages):
+            out += publish_packet(topic, payload, qos=1, packet_id=i % 65535 + 1)
+        sock.sendall(out)
+        deadline = time.monotonic() + timeout
+        while acked < len(messages):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            ptype, body = read_packet(sock)
+            if ptype == 4 and len(body) == 2:
+                acked += 1
+    except (OSError, ConnectionError) as exc:
+        raise MqttError(f"publisher: {len(messages) - acked} of {len(messages)} messages not acknowledged by "
+                        f"port {port}: {exc}") from None
+    finally:
+        sock.close()

@@ -21,6 +21,7 @@ passed in (``redis=``, ``brokers=``) are used, never stopped: their owner does t
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -121,6 +122,8 @@ class Stack:
         self.agents: dict[str, AgentProcess] = {}
         self.balancers: list[Balancer] = []
         self.processes: list[ManagedProcess] = []  # what this stack started, in order
+        self._socket_dirs: list[Path] = []  # short folders for unix sockets, removed at close()
+        self._claimed: set[Path] = set()  # agents' haproxy_socket paths a balancer has taken
         if callable(workdir):
             self.workdir: Path | None = None
             self._make_dir: Callable[[str], Path] = workdir
@@ -176,14 +179,23 @@ class Stack:
             raise ValueError(f"agent {name} exists already")
         if len(self.brokers) != len(self.nodes):
             raise RuntimeError(f"{len(self.brokers)} brokers for {len(self.nodes)} nodes: start_brokers() first")
-        spop, metrics = free_port(), free_port()
+        spop, metrics, agent_check = free_port(), free_port(), free_port()
         workdir = self._make_dir(f"agent-{name}")
+        # The runtime API socket of the first balancer that asks this agent (started later): the
+        # agent evacuates through it and publishes its connection counts.
+        sock = self._socket_path(workdir, "haproxy.sock")
+        keys: dict[str, object] = {"agent_check_listen": f"127.0.0.1:{agent_check}", "haproxy_socket": str(sock)}
+        keys.update({**self.agent_overrides, **(overrides or {})})
+        for key in ("agent_check_listen", "haproxy_socket"):  # None: off (not: the agent's default)
+            if keys[key] is None or keys[key] == "null":
+                keys[key] = "null"
         cfg = write_agent_config(
             workdir / "agent.yaml", spop_port=spop, metrics_port=metrics, redis_url=self.redis_url,
-            nodes=[(node, b.addr) for node, b in zip(self.nodes, self.brokers)],
-            overrides={**self.agent_overrides, **(overrides or {})},
+            nodes=[(node, b.addr) for node, b in zip(self.nodes, self.brokers)], overrides=keys,
         )
-        agent = AgentProcess(cfg, workdir=workdir, label=name, spop_port=spop, metrics_port=metrics)
+        agent = AgentProcess(cfg, workdir=workdir, label=name, spop_port=spop, metrics_port=metrics,
+                             agent_check_port=agent_check if keys["agent_check_listen"] != "null" else None,
+                             haproxy_socket=sock if keys["haproxy_socket"] != "null" else None)
         self._start(agent)
         self.agents[name] = agent
         if wait:
@@ -205,16 +217,33 @@ class Stack:
             agents = [self.agents[name]] if name in self.agents else []
         agents = list(agents)
         port = free_port()
+        own = agents[0] if agents else None
         hap_env = haproxy_env(mqtt_port=port, broker_addrs=[b.addr for b in self.brokers],
-                              spoa_addrs=[a.addr for a in agents], balancer_name=name, extra=env)
+                              spoa_addrs=[a.addr for a in agents], balancer_name=name,
+                              agent_check_port=own.agent_check_port if own else None, extra=env)
+        # Its own agent was told where its balancer's runtime API is: the first balancer to ask
+        # that agent puts its socket there.
+        sock = own.haproxy_socket if own is not None and own.haproxy_socket not in self._claimed else None
+        if sock is not None:
+            self._claimed.add(sock)
         ha = HAProxy(self.haproxy_version, cfg_path, hap_env, workdir=self._make_dir(f"haproxy-{name}"),
-                     label=name, binary=self.haproxy_binary)
+                     label=name, binary=self.haproxy_binary, stats_socket=sock)
         self._start(ha)
         balancer = Balancer(name, ha, agents, port)
         self.balancers.append(balancer)
         if wait:
             self.wait_balancer_ready(balancer)
         return balancer
+
+    def _socket_path(self, workdir: Path, name: str) -> Path:
+        """``workdir/name``, or the same name in a short temporary folder when that path is too
+        long for AF_UNIX (108 bytes)."""
+        path = workdir / name
+        if len(str(path)) <= 100:
+            return path
+        short = Path(tempfile.mkdtemp(prefix="devstack-sock-"))
+        self._socket_dirs.append(short)
+        return short / name
 
     def wait_balancer_ready(self, balancer: Balancer, timeout: float = 10.0) -> None:
         """Until HAProxy sees every broker UP and, if it asks agents, every agent server UP."""
@@ -260,6 +289,8 @@ class Stack:
             tiers[0 if isinstance(p, HAProxy) else 1 if isinstance(p, AgentProcess) else 2].append(p)
         for tier, timeout in zip(tiers, (5.0, 10.0, 10.0)):
             stop_all(tier, timeout=timeout)
+        for d in self._socket_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     def __enter__(self) -> Stack:
         return self

@@ -4,14 +4,15 @@
 Starts, on free ports of this machine: Redis, three mosquitto brokers (node1..node3) and two
 balancers, ha1 and ha2, each an HAProxy running the shipped haproxy/haproxy.cfg with its own
 mqtt-affinity agent; the agents share nothing but Redis. Then it walks through placement,
-a persistent session surviving a balancer switch, pins, draining and a broker failure,
-checking every claim against the HAProxy logs, Redis and the `mqtt-affinity` CLI.
+a persistent session surviving a balancer switch, pins, draining, a rolling restart of the
+brokers and a broker failure, checking every claim against the HAProxy logs, Redis and the
+`mqtt-affinity` CLI.
 
 Exit status: 0 everything behaved as shown; 1 a step's expectation failed (the run's logs are
 kept under .demo/); 2 a required program is missing; 130/143 interrupted (SIGINT/SIGTERM).
 Everything it started is stopped on exit, on Ctrl-C and on SIGTERM.
 
-    .venv/bin/python scripts/demo.py [--haproxy 3.2|2.6|PATH] [--keep] [--no-failure]
+    .venv/bin/python scripts/demo.py [--haproxy 3.2|2.6|PATH] [--keep] [--no-restart] [--no-failure]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,8 +36,9 @@ for path in (HERE.parent, HERE):  # the repo root (devstack, agent) and scripts/
 try:
     import devstack
     from agent import placement
-    from devstack import NODES, Balancer, DevstackError, Mosquitto, Stack, ToolMissing
-    from devstack.paho_client import SessionClient, connect_once, publish_direct
+    from devstack import DISCONNECT, NODES, Balancer, DevstackError, Mosquitto, Stack, ToolMissing
+    from devstack.mqtt import connect_packet, read_packet
+    from devstack.paho_client import Fleet, SessionClient, connect_once, publish_direct, publish_many
 except ImportError as exc:  # pragma: no cover - a machine without `make bootstrap`
     print(f"demo: {exc}: run `make bootstrap` and start the demo with .venv/bin/python (or `make demo`)",
           file=sys.stderr)
@@ -55,6 +58,11 @@ CLIENTS = [  # (client id, MQTT protocol): all keep a session on the broker
 INBOX = "inbox-reader"
 NEWCOMERS = [f"new-{i:02d}" for i in range(1, 13)]
 MAX_RUN_DIRS = 5
+# The demo's agents wait this long for a restarting owner (owner_down_grace; default 30 s) so
+# that step 6 (a broker that does not come back) fits in a few seconds. Step 5's restarts are
+# shorter than this.
+DEMO_GRACE = 6
+RESTART_DOWN = 2.0  # seconds each broker is stopped in the rolling restart
 
 
 class Demo:
@@ -64,7 +72,8 @@ class Demo:
         self.haproxy_version = haproxy_version
         self.run_dir = run_dir
         # die_with_parent: even a SIGKILLed demo leaves no process behind.
-        self.stack = Stack(haproxy_version, workdir=run_dir, haproxy_binary=haproxy_bin, die_with_parent=True)
+        self.stack = Stack(haproxy_version, workdir=run_dir, haproxy_binary=haproxy_bin, die_with_parent=True,
+                           agent_overrides={"owner_down_grace": DEMO_GRACE})
         self.shown: list[str] = []
         self.session_present: bool | None = None  # of the last via()
 
@@ -72,7 +81,14 @@ class Demo:
 
     def start(self) -> None:
         """Redis, node1..node3, ha1 and ha2 each with its agent, on free ports; retried once by
-        main() (a port can be taken in between). Stops what it started if it fails."""
+        main() (a port can be taken in between). Stops what it started if it fails. The brokers keep
+        their sessions on disk (persistence true), as brokers that are restarted for upgrades do."""
+        try:
+            self.stack.start_redis()
+            self.stack.start_brokers(persistence=True)
+        except BaseException:
+            self.stack.close()
+            raise
         self.stack.start(balancers=2)
 
     def describe(self, seconds: float) -> None:
@@ -328,7 +344,67 @@ class Demo:
         self.wait_agents_state(drained, "active")
         self.shown.append("`mqtt-affinity drain` keeps a broker's clients and sends new ones elsewhere")
 
-    # ------------------------------------------------------------------ 5. broker failure
+    # ------------------------------------------------------------------ 5. rolling restart
+
+    def step_restart(self) -> None:
+        out = self.out
+        out.step(5, "Rolling restart: every broker restarted in turn, no session lost",
+                 "One subscriber per broker (QoS 1, clean session 0, reconnecting 1-2 s after a lost connection),",
+                 f"through ha1 or ha2. Each broker in turn is stopped for {RESTART_DOWN:g} s (it saves its sessions "
+                 "to disk) and started again.",
+                 "While it is down the agents answer how=wait for its clients (down for less than owner_down_grace:",
+                 f"{DEMO_GRACE} s here, 30 s by default) and HAProxy refuses them: they retry and land on their own "
+                 "broker again,", "instead of starting an empty session on another one.")
+        weights = [(n, 1.0) for n in NODES]
+        owned: dict[str, str] = {}
+        for i in range(1, 200):
+            cid = f"meter-{i:02d}"
+            owned.setdefault(placement.choose(cid.encode(), weights) or "", cid)
+            if all(n in owned for n in NODES):
+                break
+        rows, bad = [], []
+        with Fleet() as fleet:
+            subs = {n: fleet.add(owned[n], self.balancers[i % 2].port, f"meters/{owned[n]}", reconnect=(1, 2))
+                    for i, n in enumerate(NODES)}
+            wait_for(lambda: all(s.subscribed.is_set() for s in subs.values()), 10, "the subscribers to subscribe")
+            for node in NODES:
+                sub = subs[node]
+                bal = self.balancers[NODES.index(node) % 2]
+                expect(self.owner(sub.cid) == node, f"{sub.cid} (via {bal.name}) has its session on {node}", out,
+                       lambda sub=sub: f"Redis owner {self.owner(sub.cid)}")
+            for node in NODES:
+                sub = subs[node]
+                bal = self.balancers[NODES.index(node) % 2]
+                before, waits0 = sub.connected, self.count_how(bal, sub.cid, "wait")
+                t0 = time.monotonic()
+                broker = self.broker(node)
+                broker.stop()
+                time.sleep(RESTART_DOWN)
+                broker.start()
+                wait_for(lambda sub=sub, before=before: sub.connected > before, 15, f"{sub.cid} to reconnect",
+                         detail=lambda bal=bal: tail(bal.haproxy.log_text(), 8))
+                back = time.monotonic() - t0
+                payload = f"reading after the restart of {node}".encode()
+                publish_many(broker.port, [(sub.topic or "", payload)])
+                got = wait_for(lambda sub=sub, p=payload: sub.received(p), 5, f"{sub.cid} to receive its message")
+                last = sub.last
+                waits = self.count_how(bal, sub.cid, "wait") - waits0
+                present = bool(last and last.session_present)
+                rows.append([node, sub.cid, bal.name, f"{RESTART_DOWN:g}s", str(waits), f"{back:.1f}s",
+                             "1" if present else "0", out.tick if got else out.cross])
+                if not (present and got and self.owner(sub.cid) == node and waits > 0):
+                    bad.append(f"{node}: session present {present}, message {got}, owner {self.owner(sub.cid)}, "
+                               f"refusals {waits}")
+        out.table(["BROKER", "CLIENT", "VIA", "DOWN", "REFUSED (how=wait)", "BACK AFTER", "SESSION PRESENT",
+                   "MESSAGE"], rows)
+        expect(not bad, "every subscriber came back to its own broker with its session and got the message "
+               "published there after the restart", out, lambda: "; ".join(bad))
+        self.shown.append("a rolling restart of the brokers keeps every session: clients wait for their own broker")
+
+    def count_how(self, bal: Balancer, cid: str, how: str) -> int:
+        return sum(1 for d in bal.lines(cid) if d["how"] == how)
+
+    # ------------------------------------------------------------------ 6. broker failure
 
     def step_failure(self) -> str:
         out = self.out
@@ -336,15 +412,18 @@ class Demo:
         old = self.owner(cid)
         assert old is not None
         broker = self.broker(old)
-        out.step(5, "Broker failure: the owner dies",
-                 f"{cid} lives on {old}. Its broker is killed (SIGKILL). Each agent's health check notices;",
-                 "the next CONNECT, through either balancer, moves the client once and both follow the new record.")
+        out.step(6, "Broker failure: the owner does not come back",
+                 f"{cid} lives on {old}. Its broker is killed (SIGKILL). Each agent's health check notices; for "
+                 f"owner_down_grace ({DEMO_GRACE} s)", "its CONNECTs are refused (how=wait), then the next one, "
+                 "through either balancer, moves it once and both follow the new record.")
         pid = broker.pid
+        # (step 5 restarted this broker: count this death's lines only)
+        seen = {bal.name: bal.agent.log_text().count(f"node {old} is down") for bal in self.balancers}
         broker.kill()
         out.info(f"killed mosquitto {old} (pid {pid})")
         t0 = time.monotonic()
         for bal in self.balancers:
-            wait_for(lambda bal=bal: f"node {old} is down" in bal.agent.log_text(), 5,
+            wait_for(lambda bal=bal: bal.agent.log_text().count(f"node {old} is down") > seen[bal.name], 5,
                      f"agent {bal.name} to notice that {old} is down",
                      detail=lambda bal=bal: tail(bal.agent.log_text()))
         seen_agents = time.monotonic() - t0
@@ -352,11 +431,27 @@ class Demo:
             bal.haproxy.wait_server_status("be_mqtt", old, "DOWN", timeout=8)
         out.info(f"both agents saw it down after {seen_agents:.1f}s, both HAProxy after "
                  f"{time.monotonic() - t0:.1f}s")
-        client = SessionClient(cid, proto, session_expiry=SESSION_EXPIRY)
         before = len(self.ha2.lines(cid))
-        client.connect(self.ha2.port)
-        client.disconnect()
+        accepted, present = attempt(self.ha2.port, cid)
+        first = self.line(self.ha2, cid, before)
+        out.info(f"via ha2 at once: {cid} -> {first['server']} ({first['how']})")
+        expect(not accepted and first["how"] == "wait", f"refused while {old} is down for less than the grace "
+               "(how=wait): no empty session elsewhere yet", out,
+               lambda: f"ha2: node={first['node']} server={first['server']} how={first['how']}")
+        # The client retries once a second, as a device would, until the grace is over.
+        started = time.monotonic()
+        refusals = 0
+        while True:
+            time.sleep(1)
+            before = len(self.ha2.lines(cid))
+            accepted, present = attempt(self.ha2.port, cid)
+            if accepted:
+                break
+            refusals += 1
+            if time.monotonic() - started > DEMO_GRACE + 10:
+                raise DemoError(f"{cid} was still refused {DEMO_GRACE + 10} s after {old} died")
         moved = self.line(self.ha2, cid, before)
+        out.info(f"{refusals} more refusals, one a second, then the grace was over")
         new = self.owner(cid)
         out.info(f"via ha2: {cid} -> {self.cell(moved)}")
         expect(moved["how"] == "moved" and moved["server"] == moved["node"] == new and new not in (None, old),
@@ -366,12 +461,13 @@ class Demo:
         out.info(f"via ha1: {cid} -> {self.cell(again)}")
         expect(again["how"] == "hit" and again["server"] == new, f"ha1 follows the new owner {new} (how=hit)", out,
                lambda: f"ha1: node={again['node']} server={again['server']} how={again['how']}")
-        expect(client.session_present is False, f"its session did not survive: it started afresh on {new}", out,
-               lambda: f"session present: {client.session_present}")
-        out.info(out.dim(f"(mosquitto keeps sessions in memory and brokers share none: what was queued on {old} "
-                         "is gone;"))
-        out.info(out.dim(" mqtt-affinity keeps the client on one broker, it does not copy sessions between them)"))
-        self.shown.append("a dead broker's clients move once, and every balancer follows the move")
+        expect(present is False, f"its session did not survive: it started afresh on {new}", out,
+               lambda: f"session present: {present}")
+        out.info(out.dim(f"(brokers share no sessions: what was queued on {old} stays there; mqtt-affinity keeps "
+                         "the client on one broker,"))
+        out.info(out.dim(" it does not copy sessions between them)"))
+        self.shown.append("a broker that does not come back: its clients wait out the grace, then move once, and "
+                          "every balancer follows the move")
         return old
 
     # ------------------------------------------------------------------ --keep
@@ -415,6 +511,20 @@ class Demo:
 # ---------------------------------------------------------------------- setup
 
 
+def attempt(port: int, cid: str) -> tuple[bool, bool]:
+    """One MQTT 5 CONNECT that keeps a session: (CONNACK received, session present)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(connect_packet(cid.encode(), version=5, clean=False, session_expiry=SESSION_EXPIRY))
+        try:
+            ptype, body = read_packet(s)
+        except (ConnectionError, OSError):
+            return False, False
+        if ptype != 2:
+            return False, False
+        s.sendall(DISCONNECT)
+        return True, bool(body[0] & 1)
+
+
 def session_label(protocol: str) -> str:
     return f"MQTT 5, session expiry {SESSION_EXPIRY}s" if protocol == "5" else "MQTT 3.1.1, clean-session=0"
 
@@ -449,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                              "default: 3.2 if bootstrapped, else 2.6")
     parser.add_argument("--keep", action="store_true",
                         help="after the scenario, leave the stack running and print how to connect, until Ctrl-C")
-    parser.add_argument("--no-failure", action="store_true", help="skip step 5 (killing a broker)")
+    parser.add_argument("--no-restart", action="store_true", help="skip step 5 (the rolling restart)")
+    parser.add_argument("--no-failure", action="store_true", help="skip step 6 (killing a broker)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colours (default: only when stdout is a terminal)")
     args = parser.parse_args(argv)
@@ -499,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         demo.step_session()
         demo.step_pin()
         demo.step_drain()
+        if not args.no_restart:
+            demo.step_restart()
         killed = None if args.no_failure else demo.step_failure()
 
         out.print()

@@ -19,7 +19,8 @@ Fixtures (all stop what they started at teardown, also when the test fails):
 - ``tmp_workdir(name) -> Path``: a fresh subfolder of ``tmp_path`` for a process.
 - ``stack`` -> devstack ``Stack``: ``redis_server``, ``brokers`` and two balancers ha1, ha2
   (HAProxy ``haproxy_version`` + its own agent each). ``stack_factory(balancers=2) -> Stack``
-  builds one with another number of balancers. Closed (HAProxy and agents stopped) at teardown.
+  builds one with another number of balancers (``agent_overrides=`` top-level keys for every
+  agent's YAML, e.g. ``{"owner_down_grace": 0}``). Closed (HAProxy and agents stopped) at teardown.
 
 The classes and helpers are the ``devstack`` package (shared with bench/ and scripts/demo.py).
 Tests that use any of these process fixtures, or carry the ``haproxy`` marker, are marked
@@ -209,12 +210,13 @@ def agent_factory(tmp_workdir) -> Iterator[Callable[..., AgentProcess]]:
 
 @pytest.fixture
 def stack_factory(tmp_workdir, redis_server, brokers, haproxy_version) -> Iterator[Callable[..., Stack]]:
-    """``make(balancers=2) -> Stack`` on ``redis_server`` and ``brokers``, every HAProxy seeing
-    its brokers and its agent UP. Each stack is closed at teardown (its HAProxy and agents)."""
+    """``make(balancers=2, agent_overrides=None) -> Stack`` on ``redis_server`` and ``brokers``, every
+    HAProxy seeing its brokers and its agent UP. Each stack is closed at teardown (its HAProxy and agents)."""
     stacks: list[Stack] = []
 
-    def make(balancers: int = 2) -> Stack:
-        s = Stack(haproxy_version, workdir=tmp_workdir, redis=redis_server, brokers=brokers)
+    def make(balancers: int = 2, agent_overrides: Mapping[str, object] | None = None) -> Stack:
+        s = Stack(haproxy_version, workdir=tmp_workdir, redis=redis_server, brokers=brokers,
+                  agent_overrides=agent_overrides)
         stacks.append(s)
         return s.start(balancers=balancers)
 

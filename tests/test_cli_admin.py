@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import socketserver
 import subprocess
@@ -283,8 +284,8 @@ def test_show_and_nodes_when_every_node_drains(env: Env) -> None:
     rows = {r["node"]: r for r in json.loads(cli(env, "nodes", "--json").stdout)["nodes"]}
     assert {n: rows[n]["effective_weight"] for n in rows} == {"node1": 2, "node2": 1, "node3": 0}
     table = {ln.split()[0]: ln.split() for ln in cli(env, "nodes").stdout.splitlines()[1:]}
-    assert table["node1"] == ["node1", "drain", "2", "-", "2", "up", "0"]
-    assert table["node2"] == ["node2", "drain", "1", "-", "1", "up", "0"]
+    assert table["node1"] == ["node1", "drain", "2", "-", "2", "up", "-", "0"]
+    assert table["node2"] == ["node2", "drain", "1", "-", "1", "up", "-", "0"]
 
     records.write_pin(env.r, "newbie", "node3")  # so that show has something to show
     doc = show_json(env, "newbie")
@@ -346,6 +347,81 @@ def test_node_state_commands_set_what_the_agent_reads(env: Env) -> None:
     assert not env.r.hexists(P + b"node-state", "node9")
 
 
+def test_evacuate_says_passive_or_active_and_waits(env: Env) -> None:
+    # No agent publishes connection counts: passive, and --wait follows the placed sessions.
+    res = cli(env, "evacuate", "node2", "--rate", "50")
+    assert res.returncode == 0, res.stderr
+    assert "passive: no agent publishes connection counts" in res.stdout
+    res = cli(env, "evacuate", "node2", "--wait")
+    assert res.returncode == 0 and "node2 has no placed session left" in res.stdout, res.stdout
+    records.write_owner(env.r, "a", "node2")
+    res = cli(env, "evacuate", "node2", "--wait", "--timeout", "1")
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    # (each look counts every bucket's records: the elapsed time it reports may pass the timeout)
+    assert re.search(r"not empty after \ds: connections unknown, 1 sessions placed", res.stdout), res.stdout
+    assert "--timeout goes with --wait" in one_line_error(cli(env, "evacuate", "node2", "--timeout", "3"), 2)
+
+    # Two balancers' agents publish their HAProxy's counts (one of them stale: ignored).
+    now = time.time()
+    env.r.hset(P + b"conns:ha-a:10", mapping={"node1": 4, "node2": 3, "_at": now})
+    env.r.hset(P + b"conns:ha-b:11", mapping={"node1": 1, "node2": 2, "_at": now})
+    env.r.hset(P + b"conns:ha-c:12", mapping={"node1": 100, "node2": 100, "_at": now - 60})
+    res = cli(env, "evacuate", "node2", "--rate", "100")
+    assert "active: the agents of 2 balancer(s) close its client connections, at most 100/s" in res.stdout, res.stdout
+    rows = {r["node"]: r for r in json.loads(cli(env, "nodes", "--json").stdout)["nodes"]}
+    assert [rows[n]["connections"] for n in ("node1", "node2", "node3")] == [5, 5, 0]
+    table = {ln.split()[0]: ln.split() for ln in cli(env, "nodes").stdout.splitlines()[1:]}
+    assert table["node2"][6:] == ["5", "1"]  # CONNS, SESSIONS
+
+    # --wait follows the connections, one line a second, until none is left.
+    def empty_soon() -> None:
+        time.sleep(1.5)
+        for key in (b"conns:ha-a:10", b"conns:ha-b:11"):
+            env.r.hset(P + key, mapping={"node2": 0, "_at": time.time()})
+
+    t = threading.Thread(target=empty_soon)
+    t.start()
+    res = cli(env, "evacuate", "node2", "--rate", "100", "--wait")
+    t.join()
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "node2: 5 client connections, 1 sessions placed" in lines[0], lines
+    assert "node2: 0 client connections" in lines[-4], lines  # then the three lines of the result
+    assert lines[-1].startswith("node2 has no client connection left"), lines
+
+
+def test_show_and_nodes_say_when_clients_wait_for_a_restarting_owner(env: Env) -> None:
+    """node3 (a closed port) went down 5 s ago by the agents: within owner_down_grace (30 s by
+    default) its persistent clients wait; 100 s ago: they move."""
+    records.write_owner(env.r, "car-9", "node3")
+    env.r.hset(P + b"node-down", "node3", f"{time.time() - 5:.3f}")
+    doc = show_json(env, "car-9")
+    assert doc["next"] == {"action": "wait", "node": None}, doc
+    assert doc["why"].startswith("node3 is down for less than owner_down_grace: the CONNECT is refused"), doc
+    assert 4 <= time.time() - doc["owner"]["node_down_since"] < 60
+    assert re.search(r"owner: +node3 \(active, down for \ds\)", cli(env, "show", "car-9").stdout)
+    rows = {r["node"]: r for r in json.loads(cli(env, "nodes", "--json").stdout)["nodes"]}
+    assert rows["node3"]["in_grace"] is True and rows["node1"]["in_grace"] is False
+    table = {ln.split()[0]: ln for ln in cli(env, "nodes").stdout.splitlines()[1:]}
+    assert re.search(r" down \ds \(grace\) ", table["node3"]), table
+
+    # In maintenance, nobody waits for it: the operator took it out on purpose.
+    env.r.hset(P + b"node-state", "node3", "maintenance")
+    assert show_json(env, "car-9")["next"]["action"] == "move"
+    env.r.delete(P + b"node-state")
+
+    env.r.hset(P + b"node-down", "node3", f"{time.time() - 100:.3f}")
+    doc = show_json(env, "car-9")
+    assert doc["next"]["action"] == "move" and doc["why"].startswith("node3 is down: moves to"), doc
+    table = {ln.split()[0]: ln for ln in cli(env, "nodes").stdout.splitlines()[1:]}
+    assert re.search(r" down 10\ds ", table["node3"]) and "grace" not in table["node3"], table
+
+    # Without a config (no probes), the agents' word is the health: node3 is down.
+    env.r.hset(P + b"node-down", "node3", f"{time.time() - 2:.3f}")
+    doc = json.loads(run("show", "car-9", "--json", "--redis-url", env.redis.url).stdout)
+    assert doc["next"] == {"action": "wait", "node": None}, doc
+
+
 def test_weight_set_and_reset(env: Env) -> None:
     assert cli(env, "weight", "node2", "2.5").returncode == 0
     assert _overrides(env).weights == {"node2": 2.5}
@@ -388,11 +464,12 @@ def test_nodes_table_counts_live_sessions(env: Env) -> None:
     res = cli(env, "nodes")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0].split() == ["NODE", "STATE", "WEIGHT", "OVERRIDE", "EFFECTIVE", "HEALTH", "SESSIONS"]
+    assert lines[0].split() == ["NODE", "STATE", "WEIGHT", "OVERRIDE", "EFFECTIVE", "HEALTH", "CONNS", "SESSIONS"]
     table = {ln.split()[0]: ln.split() for ln in lines[1:]}
-    assert table["node1"] == ["node1", "active", "2", "4", "4", "up", "3"]
-    assert table["node2"] == ["node2", "drain", "1", "-", "0", "up", "1"]
-    assert table["node3"] == ["node3", "active", "1", "-", "0", "down", "0"]
+    assert table["node1"] == ["node1", "active", "2", "4", "4", "up", "-", "3"]
+    assert table["node2"] == ["node2", "drain", "1", "-", "0", "up", "-", "1"]
+    assert table["node3"] == ["node3", "active", "1", "-", "0", "down", "-", "0"]
+    assert "no agent publishes connection counts" in res.stdout
     # the columns line up: every row has the SESSIONS cell at the header's column
     col = lines[0].index("SESSIONS")
     assert all(ln[col:].strip().isdigit() for ln in lines[1:4])

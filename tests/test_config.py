@@ -106,6 +106,19 @@ def test_full_config_round_trip() -> None:
     assert (cfg.hello_timeout, cfg.drain_period) == (1.5, 0.0)
 
 
+def test_agent_check_and_haproxy_runtime_api_keys() -> None:
+    cfg = parse_config(MINIMAL)
+    assert cfg.agent_check_listen == ("127.0.0.1", 12346)
+    assert cfg.haproxy_socket is None and cfg.haproxy_backend == "be_mqtt"
+    cfg = parse_config(cfg_with(agent_check_listen=None, haproxy_socket="/run/haproxy/admin.sock",
+                                haproxy_backend="be_brokers"))
+    assert cfg.agent_check_listen is None
+    assert (cfg.haproxy_socket, cfg.haproxy_backend) == ("/run/haproxy/admin.sock", "be_brokers")
+    assert parse_config(cfg_with(haproxy_socket="unix:/run/h.sock")).haproxy_socket == "/run/h.sock"
+    assert parse_config(cfg_with(haproxy_socket="127.0.0.1:9999")).haproxy_socket == ("127.0.0.1", 9999)
+    assert parse_config(cfg_with(agent_check_listen="0.0.0.0:7000")).agent_check_listen == ("0.0.0.0", 7000)
+
+
 def test_metrics_listen_null_disables() -> None:
     assert parse_config(cfg_with(metrics_listen=None)).metrics_listen is None
 
@@ -176,6 +189,14 @@ def test_bad_redis_url_error_does_not_leak_password() -> None:
         (cfg_with(listen={"host": "h"}), "listen.port", "required"),
         (cfg_with(listen={"host": "h", "port": "1"}), "listen.port", "integer"),
         (cfg_with(metrics_listen="127.0.0.1:12345"), "metrics_listen", "conflicts with listen"),
+        (cfg_with(agent_check_listen="127.0.0.1:12345"), "agent_check_listen", "conflicts with listen"),
+        (cfg_with(agent_check_listen="0.0.0.0:9898"), "agent_check_listen", "conflicts with metrics_listen"),
+        (cfg_with(agent_check_listen="12346"), "agent_check_listen", "host:port"),
+        (cfg_with(haproxy_socket="run/haproxy.sock"), "haproxy_socket", "host:port"),
+        (cfg_with(haproxy_socket="unix:run/h.sock"), "haproxy_socket", "absolute"),
+        (cfg_with(haproxy_socket="/" + "x" * 120), "haproxy_socket", "longer than 107"),
+        (cfg_with(haproxy_socket=5), "haproxy_socket", "string"),
+        (cfg_with(haproxy_backend="be mqtt"), "haproxy_backend", "invalid HAProxy backend name"),
         (cfg_with(redis_url="http://r:6379"), "redis_url", "scheme"),
         (cfg_with(redis_url="redis://r:notaport/0"), "redis_url", "invalid URL"),
         (cfg_with(redis_url="unix://"), "redis_url", "socket path"),

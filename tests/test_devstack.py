@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from devstack import (
     Stack,
     free_port,
     haproxy_env,
+    wait_until,
     write_agent_config,
 )
 from devstack.procs import _ephemeral_range
@@ -90,4 +92,29 @@ def test_mosquitto_persistence_keeps_sessions_across_a_restart(tmp_workdir, pers
         assert back.session_present is persistence
         assert [p for _, p in got] == ([b"queued"] if persistence else [])
     finally:
+        broker.kill()
+
+
+def test_fleet_clients_work_above_file_descriptor_1023(tmp_workdir):
+    """paho's own loop uses select(), which cannot watch a descriptor above 1023: a test process
+    with a few hundred clients gets there. The Fleet drives them over epoll instead."""
+    from devstack.paho_client import Fleet, publish_many
+
+    broker = Mosquitto(workdir=tmp_workdir("broker"), label="fleet").start()
+    gc.collect()  # sockets other tests left to the collector would free low descriptors later
+    filler = [os.pipe()]
+    while filler[-1][1] < 1030:  # every descriptor up to 1030 taken: the clients' sockets come after
+        filler.append(os.pipe())
+    try:
+        with Fleet() as fleet:
+            subs = [fleet.add(f"fleet-{i}", broker.port, f"fleet/{i}") for i in range(5)]
+            wait_until(lambda: all(s.subscribed.is_set() for s in subs), timeout=10)
+            assert max(s.client.socket().fileno() for s in subs) > 1023
+            publish_many(broker.port, [(f"fleet/{i}", b"hello") for i in range(5)])
+            wait_until(lambda: all(s.received(b"hello") for s in subs), timeout=10)
+            assert all(s.connected == 1 and not s.last.session_present for s in subs)
+    finally:
+        for r, w in filler:
+            os.close(r)
+            os.close(w)
         broker.kill()

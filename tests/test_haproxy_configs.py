@@ -5,6 +5,8 @@ Also the end-to-end proof of the process classes (the devstack package).
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from devstack import (
@@ -15,6 +17,7 @@ from devstack import (
     haproxy_env,
     parse_log_line,
 )
+from devstack.mqtt import connect_packet, read_packet
 from devstack.paho_client import connect_once
 from tests.support.mini_spoa import MiniSpoa
 
@@ -178,3 +181,77 @@ def test_spoe_answer_routes(haproxy_version, haproxy_factory, brokers, tmp_workd
         assert args["sess_expiry"][0] == 0  # NULL on 3.1.1
     finally:
         spoa.kill()
+
+
+# --------------------------------------------------------------------------- issue 11: the grace window
+
+
+def _attempt(port: int, cid: str) -> str:
+    """A persistent CONNECT: "CONNACK", or "closed" when HAProxy closes without one."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(connect_packet(cid.encode(), version=4, clean=False))
+        try:
+            return "CONNACK" if read_packet(s)[0] == 2 else "other"
+        except (ConnectionError, OSError):
+            return "closed"
+
+
+def _answering(how: str, node: str, brokers, haproxy_factory, tmp_workdir):
+    spoa = MiniSpoa(node, how=how, workdir=tmp_workdir(f"mini-spoa-{how}")).start()
+    env = _env(brokers, spoa_port=spoa.port)
+    ha = haproxy_factory(HAPROXY_CFG, env, label=how)
+    for n in ("node1", "node2", "node3"):
+        ha.wait_server_status("be_mqtt", n, "UP")
+    ha.wait_server_status("be_spoa", "spoa1", "UP")
+    return spoa, ha, int(env["MQTT_BIND"].rsplit(":", 1)[1])
+
+
+def _backend_counters(ha: HAProxy) -> tuple[int, int]:
+    row = next(r for r in ha.stats() if r["pxname"] == "be_mqtt" and r["svname"] == "BACKEND")
+    return int(row["wretr"] or 0), int(row["wredis"] or 0)
+
+
+def test_wait_is_refused_before_any_broker(haproxy_version, haproxy_factory, brokers, tmp_workdir):
+    """how=wait (owner restarting): HAProxy closes the client's connection without a broker."""
+    spoa, ha, port = _answering("wait", "", brokers, haproxy_factory, tmp_workdir)
+    try:
+        assert _attempt(port, "waiter") == "closed"
+        line = ha.wait_log(lambda d: d["cid"] == "waiter")
+        assert (line["how"], line["node"], line["server"]) == ("wait", "-", "<NOSRV>"), line
+        assert line["termination"].startswith("PR"), line  # rejected by a tcp-request rule
+        assert all("waiter" not in b.connected_client_ids() for b in brokers)
+    finally:
+        spoa.kill()
+
+
+@pytest.mark.parametrize("moment", ["unnoticed", "noticed"])
+def test_an_agent_named_broker_that_refuses_is_never_swapped(haproxy_version, haproxy_factory, brokers,
+                                                             tmp_workdir, moment):
+    """The agent names node2 for a persistent client (how=hit) just as node2 dies: HAProxy must not
+    send the client to another broker (an empty session there), whether its own check has noticed
+    the death (node2 DOWN) or not yet (the first second). A clean-session answer and the hash
+    fallback still move to a live broker (bench/redispatch.py prints the whole table)."""
+    hit, ha_hit, port_hit = _answering("hit", "node2", brokers, haproxy_factory, tmp_workdir)
+    clean, ha_clean, port_clean = _answering("none", "node2", brokers, haproxy_factory, tmp_workdir)
+    try:
+        for ha in (ha_hit, ha_clean):
+            if moment == "unnoticed":
+                ha.runtime("disable health be_mqtt/node2")  # HAProxy keeps believing node2 is UP
+        brokers[1].kill()
+        if moment == "noticed":
+            for ha in (ha_hit, ha_clean):
+                ha.wait_server_status("be_mqtt", "node2", "DOWN")
+        before = _backend_counters(ha_hit)
+        assert _attempt(port_hit, "persistent-1") == "closed"
+        line = ha_hit.wait_log(lambda d: d["cid"] == "persistent-1")
+        assert (line["how"], line["server"]) == ("hit", "node2"), line
+        assert _backend_counters(ha_hit)[1] == before[1]  # no redispatch
+        assert _backend_counters(ha_hit)[0] == before[0] + 2  # retries 2, on node2 each time
+        assert not any("persistent-1" in b.connected_client_ids() for b in (brokers[0], brokers[2]))
+
+        assert _attempt(port_clean, "clean-1") == "CONNACK"
+        line = ha_clean.wait_log(lambda d: d["cid"] == "clean-1")
+        assert line["how"] == "none" and line["server"] in ("node1", "node3"), line
+    finally:
+        hit.kill()
+        clean.kill()

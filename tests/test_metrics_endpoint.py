@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from agent import __version__
-from devstack import NODES, Stack, raw_connect, wait_until
+from devstack import NODES, Stack, mqtt_connect, raw_connect, wait_until
 
 pytestmark = pytest.mark.haproxy
 
@@ -125,6 +125,20 @@ def test_metrics_follow_decisions_and_readiness_follows_redis(one_balancer: Stac
     assert value(s, "mqtt_affinity_decisions_total", how="assigned") == a0 + len(cids)
     assert value(s, "mqtt_affinity_decision_seconds_count") == c0 + len(cids) + 1
     assert value(s, "mqtt_affinity_redis_up") == 1.0
+
+    # -- this balancer's client connections per node, read from HAProxy at scrape time; and the
+    # agent-check answers HAProxy asked for (one per broker server per second) --------------------
+    held = mqtt_connect("127.0.0.1", bal.port, first.encode(), clean=False)
+    try:
+        s = wait_until(lambda: (m := scrape(port)) and
+                       value(m, "mqtt_affinity_node_connections", node=owners[first]) == 1.0 and m,
+                       timeout=5, message="node_connections never showed the held connection")
+        assert sum(value(s, "mqtt_affinity_node_connections", node=n) or 0 for n in NODES) == 1.0
+    finally:
+        held.close()
+    wait_until(lambda: (value(scrape(port), "mqtt_affinity_agent_checks_total", state="active") or 0) >= 3,
+               timeout=5, message="HAProxy's agent-checks were not answered")
+    assert value(s, "mqtt_affinity_evictions_total", node="node1") == 0.0
 
     # -- no client id is ever a label value -----------------------------------------------------
     label_values = {v for (_, labels) in s for _, v in labels}

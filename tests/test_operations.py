@@ -30,6 +30,13 @@ CLI = agent_command()
 APPLY_DEADLINE = 1.5
 
 
+@pytest.fixture
+def stack(stack_factory) -> Stack:
+    """Two balancers; a broker killed here moves its clients at once (owner_down_grace 0): the
+    restart grace has its own tests (test_broker_failure.py, test_rolling_restart.py)."""
+    return stack_factory(2, agent_overrides={"owner_down_grace": 0})
+
+
 # --------------------------------------------------------------------------- helpers
 
 

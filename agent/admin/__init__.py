@@ -82,21 +82,28 @@ COMMANDS: tuple[Command[Any], ...] = (
         cmd.client_args, cmd.show, render.show_text, render.show_json,
     ),
     Command(
-        "nodes", "per node: state, weights, health (TCP probe now), live sessions",
+        "nodes", "per node: state, weights, health (TCP probe now), client connections, live sessions",
         "Effective weight is the node's share of new placements right now, as the agents compute it: "
         "the run-time override (or the configured weight), 0 while draining, evacuating, in maintenance "
         "or down. When no node takes new clients (all draining, say), the agents place them on every "
-        "usable node, and the column shows those nodes' weights.",
+        "usable node, and the column shows those nodes' weights. HEALTH of a node the agents found down "
+        "says for how long, and '(grace)' while its persistent clients wait for it (owner_down_grace). "
+        "CONNS: client connections through every balancer whose agent has haproxy_socket set ('-': none).",
         cmd.count_arg, cmd.nodes, render.nodes_text, render.nodes_json,
     ),
     Command("drain", _STATE_HELP["drain"], None, cmd.node_arg, cmd.drain, render.state_text),
     Command("activate", _STATE_HELP["activate"], None, cmd.node_arg, cmd.activate, render.state_text),
     Command("maintenance", _STATE_HELP["maintenance"], None, cmd.node_arg, cmd.maintenance, render.state_text),
     Command(
-        "evacuate", "move NODE's clients away as they reconnect, rate-limited",
+        "evacuate", "empty NODE: close its client connections at a rate, move each client as it reconnects",
         "Like drain, and clients of NODE are re-placed on their next CONNECT, at most --rate per second "
-        "across all agents. Without --rate the config's evacuate_rate applies (an earlier --rate is removed).",
-        cmd.evacuate_args, cmd.evacuate, render.state_text,
+        "across all agents. Agents with haproxy_socket set also close NODE's client connections through "
+        "their HAProxy's runtime API, --rate per second in total (one budget in Redis), so the node empties "
+        "in about connections/rate seconds; without it, clients move only when they reconnect on their own "
+        "(the command says which). Without --rate the config's evacuate_rate applies (an earlier --rate is "
+        "removed). --wait follows the node's connections until none has been left for 2 s (a closed client the moves "
+        "budget sends back shows up again meanwhile).",
+        cmd.evacuate_args, cmd.evacuate, render.evacuate_text,
     ),
     Command(
         "weight", "override a node's weight (W >= 0) or --reset it",

@@ -23,7 +23,7 @@ from agent.model import LAYOUT_VERSION, NEVER, Keys, NodeState, OwnerRecord, Pin
 from agent.rules import NodeOverrides, parse_overrides, parse_state
 from agent.store import REPLACE_HASH, Layout, load_script, parse_layout, parse_sessions
 
-__all__ = ["REDIS_TIMEOUT", "ClientRecord", "Migrated", "RedisAccess", "Totals"]
+__all__ = ["CONNS_STALE", "REDIS_TIMEOUT", "ClientRecord", "Connections", "Migrated", "RedisAccess", "Totals"]
 
 #: Socket timeout for every Redis call: long enough for a loaded server, short enough that an
 #: operator at a terminal is not left waiting on a black-holed address.
@@ -34,6 +34,8 @@ _SWEEP_BATCH = 512
 _GETSET_FIELD = (
     "local old = redis.call('HGET', KEYS[1], ARGV[1]) redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return old"
 )
+#: Published connection counts older than this are ignored (agents refresh them every second).
+CONNS_STALE = 10.0
 
 
 def _text(value: Any) -> str:
@@ -81,6 +83,15 @@ class Migrated:
     owners: int
     pins: int
     dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class Connections:
+    """Client connections per node, summed over the HAProxy processes whose agents publish them."""
+
+    per_node: Mapping[str, int]
+    #: How many HAProxy processes (balancers) published fresh counts.
+    balancers: int
 
 
 def _left(expiry: int, now: float) -> int | None:
@@ -212,6 +223,42 @@ class RedisAccess:
         flat = [x for kv in {**counts, "_pins": pins, "_at": now}.items() for x in kv]
         self.client.eval(REPLACE_HASH, 1, keys.sessions, *flat)
         return Totals(counts, pins, float(now))
+
+    def node_down(self) -> dict[str, float]:
+        """``P node-down``: node -> unix time an agent's probes found it down (invalid entries dropped)."""
+        out = {}
+        for k, v in self.client.hgetall(self.keys.node_down).items():
+            try:
+                out[_text(k)] = float(_text(v))
+            except ValueError:
+                continue
+        return out
+
+    def connections(self, now: float) -> Connections | None:
+        """The agents' published connection counts (``P conns:<haproxy>``), fresh ones only;
+        None when no agent publishes any (none has ``haproxy_socket``)."""
+        keys = list(self.client.scan_iter(match=self.keys.scan_pattern(Keys.CONNS), count=_SCAN_COUNT))
+        if not keys:
+            return None
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        per_node: dict[str, int] = {}
+        balancers = 0
+        for raw in pipe.execute():
+            h = _hash(raw)
+            try:
+                at = float(h.pop("_at", "0"))
+            except ValueError:
+                continue
+            if now - at > CONNS_STALE:
+                continue
+            balancers += 1
+            for node, count in h.items():
+                if count.isdigit():
+                    per_node[node] = per_node.get(node, 0) + int(count)
+        return Connections(per_node, balancers) if balancers else None
+
 
     # -- writes --------------------------------------------------------------------------
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from agent.admin import explain as ex
 from agent.admin import scrape
 from agent.admin.access import Totals
 from agent.admin.context import Context
 from agent.admin.errors import CommandError
-from agent.admin.render import show_cid
+from agent.admin.render import evacuation_progress, show_cid
 from agent.admin.results import (
+    Evacuation,
     MigrateView,
     NodesView,
     Pinned,
@@ -30,6 +31,7 @@ from agent.admin.results import (
     WeightChanged,
 )
 from agent.model import ExitCode, NodeState
+from agent.rules import NodeOverrides, grace_nodes
 
 __all__ = [
     "activate",
@@ -100,8 +102,14 @@ def pin_args(p: argparse.ArgumentParser) -> None:
 
 def evacuate_args(p: argparse.ArgumentParser) -> None:
     node_arg(p)
-    p.add_argument("--rate", type=whole_number("moves per second", 1, MAX_RATE), metavar="N",
-                   help="moves per second")  # fmt: skip
+    p.add_argument("--rate", type=whole_number("per second", 1, MAX_RATE), metavar="N",
+                   help="client connections closed (agents with haproxy_socket) and clients moved per second, "
+                        "across all agents")  # fmt: skip
+    p.add_argument("--wait", action="store_true",
+                   help="follow the node's client connections (or, if no agent publishes them, its placed "
+                        "sessions) until none is left; a progress line per second")  # fmt: skip
+    p.add_argument("--timeout", type=whole_number("seconds", 1), metavar="SECONDS",
+                   help="with --wait: give up after SECONDS (status 1 if the node is not empty by then)")
 
 
 def weight_args(p: argparse.ArgumentParser) -> None:
@@ -149,23 +157,43 @@ def client_id(args: argparse.Namespace) -> bytes:
     return cid
 
 
+def _health(ctx: Context, node_down: Mapping[str, float], *, probe: bool) -> dict[str, bool | None]:
+    """The CLI's one-shot probes; a node it cannot probe (no config) is down if an agent says so."""
+    health = ctx.probe_configured() if probe else {}
+    for node in node_down:
+        if health.get(node) is None:
+            health[node] = False
+    return health
+
+
+def _waiting(ctx: Context, node_down: Mapping[str, float], overrides: NodeOverrides, now: float) -> frozenset[str]:
+    """Nodes in their restart grace, by the agents' published down times and the config's grace."""
+    return grace_nodes(node_down, overrides, ctx.grace, now) if ctx.grace > 0 else frozenset()
+
+
 def _node_rows(ctx: Context, totals: Totals, *, probe: bool) -> list[ex.NodeRow]:
     """Configured nodes in config order (or the names Redis holds), then nodes only Redis knows."""
+    now = time.time()
     overrides = ctx.redis.overrides()
     nodes = ctx.rule_nodes()
     names = [n.name for n in nodes]
     extra = [n for n in ctx.redis.named_nodes() if n not in names] if ctx.exact else []
     sessions = {n: totals.sessions.get(n, 0) for n in names + extra}
     addresses = {n: f"{a[0]}:{a[1]}" for n in names if (a := ctx.address(n)) is not None}
+    node_down = ctx.redis.node_down()
+    conns = ctx.redis.connections(now)
     return ex.node_rows(
         nodes,
         extra=extra,
-        health=ctx.probe_configured() if probe else {},
+        health=_health(ctx, node_down, probe=probe),
         overrides=overrides,
         default_rate=ctx.default_rate or 0,
         sessions=sessions,
         addresses=addresses,
         exact=ctx.exact,
+        connections=conns.per_node if conns is not None else None,
+        down_since=node_down,
+        waiting=_waiting(ctx, node_down, overrides, now),
     )
 
 
@@ -207,7 +235,8 @@ def show(args: argparse.Namespace, ctx: Context) -> ShowView:
         raise CommandError(ExitCode.NOT_FOUND, f"client {show_cid(cid, args.hex)}: no record and no pin")
     owner = record.owner.get("node") or None
     pinned = record.pin.get("node") or None
-    health = ctx.probe_configured()
+    node_down = ctx.redis.node_down()
+    health = _health(ctx, node_down, probe=True)
     explanation = ex.explain(
         cid,
         owner=owner,
@@ -217,6 +246,7 @@ def show(args: argparse.Namespace, ctx: Context) -> ShowView:
         overrides=overrides,
         default_rate=ctx.default_rate or 0,
         exact=ctx.exact,
+        waiting=_waiting(ctx, node_down, overrides, time.time()),
     )
     return ShowView(
         cid=cid,
@@ -228,6 +258,7 @@ def show(args: argparse.Namespace, ctx: Context) -> ShowView:
         owner_health=health.get(owner) if owner else None,
         explanation=explanation,
         keys=ctx.redis.keys.client(cid),
+        owner_down_since=node_down.get(owner) if owner else None,
     )
 
 
@@ -289,13 +320,66 @@ def maintenance(args: argparse.Namespace, ctx: Context) -> StateChanged:
     return _set_state(args, ctx, NodeState.MAINTENANCE)
 
 
-def evacuate(args: argparse.Namespace, ctx: Context) -> StateChanged:
-    """Evacuate; the rate is exactly what this command says, so a stale --rate never lingers."""
-    ctx.require_node(args.node)
+#: Seconds between two progress lines of ``evacuate --wait``.
+WAIT_EVERY = 1.0
+#: The same when no agent publishes connection counts (passive): each look counts the records
+#: of every bucket (a sweep pass), too heavy for Redis once a second.
+WAIT_EVERY_PASSIVE = 5.0
+#: ``evacuate --wait`` ends when the node has stayed empty this long: a closed client that
+#: reconnects within it and is sent back (the moves budget was spent) shows up again meanwhile.
+SETTLE = 2.0
+
+
+def evacuate(args: argparse.Namespace, ctx: Context) -> Evacuation:
+    """Evacuate; the rate is exactly what this command says, so a stale --rate never lingers.
+
+    Active when agents publish connection counts (they have ``haproxy_socket``): they close the
+    node's client connections at the rate. Else passive: clients move when they reconnect."""
+    if args.timeout is not None and not args.wait:
+        raise CommandError(ExitCode.USAGE, "--timeout goes with --wait")
+    node: str = args.node
+    ctx.require_node(node)
     # The rate first: an agent that sees the new state must already see its rate.
-    ctx.redis.set_evacuate_rate(args.node, args.rate)
-    was = ctx.redis.set_state(args.node, NodeState.EVACUATE)
-    return StateChanged(args.node, NodeState.EVACUATE, was, rate=args.rate, default_rate=ctx.default_rate)
+    ctx.redis.set_evacuate_rate(node, args.rate)
+    was = ctx.redis.set_state(node, NodeState.EVACUATE)
+    changed = StateChanged(node, NodeState.EVACUATE, was, rate=args.rate, default_rate=ctx.default_rate)
+    started = time.monotonic()
+    sample = _evacuation_sample(ctx, node, started)
+    result = Evacuation(changed, sample.balancers, sample)
+    if not args.wait:
+        return result
+    # Progress lines as it goes: this command's only output before the result.
+    print(evacuation_progress(sample), flush=True)
+    deadline = None if args.timeout is None else started + args.timeout
+    emptied: float | None = sample.elapsed if sample.empty else None
+    while emptied is None or sample.elapsed - emptied < SETTLE:
+        if deadline is not None and time.monotonic() >= deadline:
+            return Evacuation(changed, result.balancers, sample, waited=True, timed_out=True)
+        every = WAIT_EVERY if sample.active else WAIT_EVERY_PASSIVE
+        time.sleep(every if deadline is None else max(0.0, min(every, deadline - time.monotonic())))
+        sample = _evacuation_sample(ctx, node, started)
+        print(evacuation_progress(sample), flush=True)
+        if not sample.empty:
+            emptied = None
+        elif emptied is None:
+            emptied = sample.elapsed
+    return Evacuation(changed, result.balancers, sample, waited=True, emptied_at=emptied)
+
+
+def _evacuation_sample(ctx: Context, node: str, started: float) -> ex.EvacuationSample:
+    now = time.time()
+    conns = ctx.redis.connections(now)
+    # Active: the connections say when the node is empty; the sessions are the last sweep's count.
+    # Passive: only the records can say it, so they are counted now.
+    totals = ctx.redis.totals() if conns is not None else ctx.redis.count_now()
+    sessions = totals.sessions.get(node, 0)
+    return ex.EvacuationSample(
+        node=node,
+        elapsed=time.monotonic() - started,
+        connections=conns.per_node.get(node, 0) if conns is not None else None,
+        balancers=conns.balancers if conns is not None else 0,
+        sessions=sessions,
+    )
 
 
 def weight(args: argparse.Namespace, ctx: Context) -> WeightChanged:

@@ -29,6 +29,7 @@ from agent.rules import NodeLike
 __all__ = ["CONFIG_ENV", "Context", "open_context"]
 
 CONFIG_ENV = "MQTT_AFFINITY_CONFIG"
+_DEFAULTS = Config(nodes=())
 
 
 @dataclass
@@ -75,6 +76,11 @@ class Context:
     @property
     def default_rate(self) -> int | None:
         return self.config.evacuate_rate if self.config is not None else None
+
+    @property
+    def grace(self) -> float:
+        """``owner_down_grace``: the config's, else the agents' default."""
+        return (self.config or _DEFAULTS).owner_down_grace
 
     @property
     def probe_timeout(self) -> float:

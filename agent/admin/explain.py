@@ -24,6 +24,7 @@ from agent.rules import NodeLike, NodeOverrides, Outcome, eligibility, node_view
 
 __all__ = [
     "Action",
+    "EvacuationSample",
     "Explanation",
     "GuessedNode",
     "NodeRow",
@@ -45,6 +46,9 @@ class Action(StrEnum):
     STAY = "stay"
     #: Leaves its owner (down, in maintenance, unknown, or evacuating within the budget).
     MOVE = "move"
+    #: Its owner is down for less than ``owner_down_grace``: the CONNECT is refused (``how=wait``)
+    #: until the owner is back or the grace has passed.
+    WAIT = "wait"
     #: No record: placed by hash.
     PLACE = "place"
     #: No node can take it.
@@ -88,6 +92,37 @@ class NodeRow:
     #: The one-shot probe: True up, False down, None not probed or no address.
     health: bool | None
     sessions: int
+    #: Client connections through the balancers whose agents publish them (None: none does).
+    connections: int | None = None
+    #: Unix time the agents' probes found it down (``P node-down``), or None.
+    down_since: float | None = None
+    #: Down for less than ``owner_down_grace``: its persistent clients wait instead of moving.
+    in_grace: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EvacuationSample:
+    """One look at an evacuating node (``evacuate --wait``)."""
+
+    node: str
+    #: Seconds since the command started.
+    elapsed: float
+    #: Client connections through the balancers whose agents publish them (None: none does).
+    connections: int | None
+    #: How many balancers published connection counts.
+    balancers: int
+    #: Sessions placed on the node (records not yet expired).
+    sessions: int
+
+    @property
+    def active(self) -> bool:
+        """Agents close its connections (they publish counts, so they have ``haproxy_socket``)."""
+        return self.connections is not None
+
+    @property
+    def empty(self) -> bool:
+        """No client connection left; without counts, no placed session left."""
+        return self.connections == 0 if self.connections is not None else self.sessions == 0
 
 
 def healthy_set(nodes: Sequence[NodeLike], health: Mapping[str, bool | None]) -> frozenset[str]:
@@ -107,6 +142,8 @@ def _action(outcome: Outcome, overrides: NodeOverrides) -> Action:
         return Action.MOVE
     if outcome.how is How.ASSIGNED:
         return Action.PLACE
+    if outcome.how is How.WAIT:
+        return Action.WAIT
     return Action.NONE  # a persistent CONNECT gets "none" only when no node can take it
 
 
@@ -120,11 +157,13 @@ def explain(
     overrides: NodeOverrides,
     default_rate: int,
     exact: bool = True,
+    waiting: frozenset[str] = frozenset(),
 ) -> Explanation:
     """What the client's next persistent CONNECT gets, and why.
 
     ``nodes``: the configured nodes (``exact``), or the guess without a config.
     ``default_rate``: the config's ``evacuate_rate`` (any value when not ``exact``).
+    ``waiting``: nodes in their restart grace (:func:`agent.rules.grace_nodes`).
     """
     healthy = healthy_set(nodes, health)
     elig = eligibility(nodes, healthy, overrides, default_rate)
@@ -136,6 +175,7 @@ def explain(
         overrides=overrides,
         known=frozenset(n.name for n in nodes),
         exact=exact,
+        waiting=waiting,
     )
     return Explanation(outcome.why, _action(outcome, overrides), outcome.node, outcome)
 
@@ -150,6 +190,9 @@ def node_rows(
     sessions: Mapping[str, int],
     addresses: Mapping[str, str] | None = None,
     exact: bool = True,
+    connections: Mapping[str, int] | None = None,
+    down_since: Mapping[str, float] | None = None,
+    waiting: frozenset[str] = frozenset(),
 ) -> list[NodeRow]:
     """``nodes`` in order, then ``extra`` (names only Redis knows: they never get new clients).
 
@@ -157,6 +200,11 @@ def node_rows(
     clients (all draining, say), the agents place on the usable nodes, and the column says so.
     """
     addresses = addresses or {}
+    down_since = down_since or {}
+
+    def conns(name: str) -> int | None:
+        return None if connections is None else connections.get(name, 0)
+
     healthy = healthy_set(nodes, health)
     elig = eligibility(nodes, healthy, overrides, default_rate)
     rows = [
@@ -170,6 +218,9 @@ def node_rows(
             effective_weight=v.effective_weight,
             health=health.get(v.name),
             sessions=sessions.get(v.name, 0),
+            connections=conns(v.name),
+            down_since=down_since.get(v.name),
+            in_grace=v.name in waiting and health.get(v.name) is not True,
         )
         for v in node_views(nodes, healthy, overrides, elig)
     ]
@@ -184,6 +235,9 @@ def node_rows(
             effective_weight=0.0,
             health=health.get(name),
             sessions=sessions.get(name, 0),
+            connections=conns(name),
+            down_since=down_since.get(name),
+            in_grace=name in waiting and health.get(name) is not True,
         )
         for name in extra
     ]

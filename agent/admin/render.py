@@ -12,8 +12,9 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.admin.explain import NodeRow
+from agent.admin.explain import EvacuationSample, NodeRow
 from agent.admin.results import (
+    Evacuation,
     MigrateView,
     NodesView,
     Pinned,
@@ -26,6 +27,8 @@ from agent.admin.results import (
 from agent.model import NodeState
 
 __all__ = [
+    "evacuate_text",
+    "evacuation_progress",
     "health_word",
     "json_text",
     "kv",
@@ -173,6 +176,32 @@ def state_text(r: StateChanged) -> str:
     return head + f"clients move away as they reconnect, at most {rate}"
 
 
+def evacuation_progress(s: EvacuationSample) -> str:
+    """One ``evacuate --wait`` line."""
+    conns = "connections unknown" if s.connections is None else f"{s.connections} client connections"
+    return f"{s.elapsed:5.1f}s  {s.node}: {conns}, {s.sessions} sessions placed"
+
+
+def evacuate_text(r: Evacuation) -> str:
+    lines = [state_text(r.changed)]
+    s = r.sample
+    if r.balancers:
+        rate = r.changed.rate if r.changed.rate is not None else r.changed.default_rate
+        shown = f"{rate}/s" if rate is not None else "the configured evacuate_rate"
+        lines.append(f"active: the agents of {r.balancers} balancer(s) close its client connections, at most "
+                     f"{shown} in total; each closed client reconnects and is moved")
+    else:
+        lines.append("passive: no agent publishes connection counts (none has haproxy_socket set), so nothing "
+                     "closes its connections: its clients move only when they reconnect on their own")
+    if r.timed_out:
+        lines.append(f"not empty after {s.elapsed:.0f}s: " + evacuation_progress(s).split(": ", 1)[1])
+    elif r.waited:
+        what = "no client connection" if s.active else "no placed session"
+        since = r.emptied_at if r.emptied_at is not None else s.elapsed
+        lines.append(f"{s.node} has {what} left: empty after {since:.1f}s, and still at {s.elapsed:.1f}s")
+    return "\n".join(lines)
+
+
 def weight_text(r: WeightChanged) -> str:
     if r.weight is None:
         back = "the configured weight" if r.configured_weight is None else f"configured weight {r.configured_weight:g}"
@@ -194,6 +223,7 @@ def show_json(v: ShowView) -> JSON:
             "ttl": v.record.owner_ttl,
             "node_state": v.owner_state.value if v.owner_state is not None else None,
             "node_health": health_word(v.owner_health) if v.owner_node else None,
+            "node_down_since": v.owner_down_since,
         }
         if owner
         else None
@@ -218,7 +248,10 @@ def show_text(v: ShowView) -> str:
     owner, pin = v.record.owner, v.record.pin
     pairs: list[tuple[str, str]] = [("client", show_cid(v.cid, v.as_hex))]
     if owner:
-        where = f" ({v.owner_state}, {health_word(v.owner_health)})" if v.owner_node else ""
+        health = health_word(v.owner_health)
+        if v.owner_health is not True and v.owner_down_since is not None:
+            health = f"down for {max(0, int(time.time() - v.owner_down_since))}s"
+        where = f" ({v.owner_state}, {health})" if v.owner_node else ""
         pairs += [
             ("owner", f"{v.owner_node or '-'}{where}"),
             ("placed_at", fmt_time(owner.get("placed_at"))),
@@ -254,6 +287,9 @@ def _row_json(r: NodeRow) -> JSON:
         "weight_override": r.weight_override,
         "effective_weight": r.effective_weight,
         "health": health_word(r.health),
+        "down_since": r.down_since,
+        "in_grace": r.in_grace,
+        "connections": r.connections,
         "sessions": r.sessions,
     }
 
@@ -264,6 +300,13 @@ def counted(at: float | None, now: float | None = None) -> str:
         return "sessions: not counted yet (the agents count them every sweep_interval; --count counts now)"
     age = max(0, int((now if now is not None else time.time()) - at))
     return f"sessions as counted {age}s ago ({fmt_time(str(int(at)))}); --count counts now"
+def health_cell(r: NodeRow, now: float) -> str:
+    """``up``/``down``/``unknown``; a down node the agents saw go down: for how long, and whether
+    its persistent clients are still in their restart grace (refused, not moved)."""
+    word = health_word(r.health)
+    if r.health is True or r.down_since is None:
+        return word
+    return f"down {max(0, int(now - r.down_since))}s" + (" (grace)" if r.in_grace else "")
 
 
 def nodes_json(v: NodesView) -> JSON:
@@ -271,6 +314,7 @@ def nodes_json(v: NodesView) -> JSON:
 
 
 def nodes_text(v: NodesView) -> str:
+    now = time.time()
     cells = [
         [
             r.node + ("" if r.configured or not v.exact else " (not configured)"),
@@ -278,13 +322,16 @@ def nodes_text(v: NodesView) -> str:
             fmt_num(r.configured_weight),
             fmt_num(r.weight_override),
             fmt_num(r.effective_weight),
-            health_word(r.health),
+            health_cell(r, now),
+            "-" if r.connections is None else str(r.connections),
             str(r.sessions),
         ]
         for r in v.rows
     ]
-    out = table(["NODE", "STATE", "WEIGHT", "OVERRIDE", "EFFECTIVE", "HEALTH", "SESSIONS"], cells)
+    out = table(["NODE", "STATE", "WEIGHT", "OVERRIDE", "EFFECTIVE", "HEALTH", "CONNS", "SESSIONS"], cells)
     out += "\n" + counted(v.counted_at)
+    if all(r.connections is None for r in v.rows):
+        out += "\n(CONNS: no agent publishes connection counts; set haproxy_socket in the agents' config)"
     if not v.exact:
         out += "\n(no --config: nodes are those named in Redis; health cannot be probed)"
     return out

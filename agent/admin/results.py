@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.admin.access import ClientRecord
-from agent.admin.explain import Explanation, NodeRow
+from agent.admin.explain import EvacuationSample, Explanation, NodeRow
 from agent.admin.scrape import AgentCounters
 from agent.model import ExitCode, NodeState
 
 __all__ = [
+    "Evacuation",
     "NodesView",
     "Pinned",
     "Result",
@@ -57,6 +58,25 @@ class StateChanged(Result):
 
 
 @dataclass(frozen=True)
+class Evacuation(Result):
+    """``evacuate``: the state change, whether agents close connections, and the last look."""
+
+    changed: StateChanged
+    #: Balancers whose agents publish connection counts (so close connections); 0: passive.
+    balancers: int
+    sample: EvacuationSample
+    #: ``--wait`` ran; ``timed_out``: ``--timeout`` passed before the node was empty.
+    waited: bool = False
+    timed_out: bool = False
+    #: Seconds after the command started when the node was first seen empty (and stayed so).
+    emptied_at: float | None = None
+
+    @property
+    def status(self) -> ExitCode:
+        return ExitCode.NOT_FOUND if self.timed_out else ExitCode.OK
+
+
+@dataclass(frozen=True)
 class WeightChanged(Result):
     node: str
     #: The new override, or None for ``--reset``.
@@ -79,6 +99,8 @@ class ShowView(Result):
     explanation: Explanation
     #: (owner records key, pins key): the client's field in each is its id.
     keys: tuple[bytes, bytes] = (b"", b"")
+    #: Unix time the agents found the owner down (``P node-down``), or None.
+    owner_down_since: float | None = None
 
     @property
     def found(self) -> bool:

@@ -9,7 +9,8 @@ Run: ``python -m tests.support.mini_spoa --port P --node node2 --record FILE``, 
 ``MiniSpoa`` process class below.
 Every NOTIFY message is appended to FILE as one JSON line
 ``{"message": name, "args": {name: [type_id, value_repr]}}``; each is answered with
-set-var txn.<prefix>.node=<--node> and txn.<prefix>.how="mini". ``--drop-once CID``: the
+set-var txn.<prefix>.node=<--node> (none when --node is empty) and txn.<prefix>.how=<--how>
+(default "mini"). ``--drop-once CID``: the
 first NOTIFY carrying that client id is not answered, its connection is closed instead
 (an agent that dies with the request in flight). ``--stall-once CID``: that NOTIFY is never
 answered, the connection stays (a wedged agent).
@@ -131,7 +132,8 @@ class Handler(socketserver.BaseRequestHandler):
                     if fate == "stall":
                         continue
                     actions = b""
-                    for name, value in (("node", self.server.node), ("how", "mini")):
+                    pairs = [("node", self.server.node)] if self.server.node else []
+                    for name, value in (*pairs, ("how", self.server.how)):
                         actions += bytes([1, 3, 2]) + enc_str(name.encode())  # SET-VAR, 3 args, txn scope
                         actions += bytes([T_STRING]) + enc_str(value.encode())
                     self.request.sendall(frame(ACK, stream_id, frame_id, actions))
@@ -181,10 +183,11 @@ class MiniSpoa(ManagedProcess):
     name = "mini-spoa"
 
     def __init__(self, node: str, port: int | None = None, workdir: str | Path | None = None,
-                 *, drop_once: bytes | None = None, stall_once: bytes | None = None) -> None:
+                 *, how: str = "mini", drop_once: bytes | None = None, stall_once: bytes | None = None) -> None:
         super().__init__(workdir)
         self.port = port or free_port()
         self.node = node
+        self.how = how
         self.drop_once = drop_once
         self.stall_once = stall_once
         self.record_path = self.workdir / "notify.jsonl"
@@ -193,7 +196,7 @@ class MiniSpoa(ManagedProcess):
         drop = ["--drop-once", self.drop_once.hex()] if self.drop_once is not None else []
         drop += ["--stall-once", self.stall_once.hex()] if self.stall_once is not None else []
         return [sys.executable, "-m", "tests.support.mini_spoa", "--port", str(self.port),
-                "--node", self.node, "--record", str(self.record_path), *drop]  # fmt: skip
+                "--node", self.node, "--how", self.how, "--record", str(self.record_path), *drop]  # fmt: skip
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -211,13 +214,14 @@ class MiniSpoa(ManagedProcess):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--node", required=True)
+    ap.add_argument("--node", required=True, help="node to answer; empty: no node variable")
+    ap.add_argument("--how", default="mini")
     ap.add_argument("--record", required=True)
     ap.add_argument("--drop-once", help="client id (hex) whose first NOTIFY is dropped with its connection")
     ap.add_argument("--stall-once", help="client id (hex) whose first NOTIFY is never answered")
     a = ap.parse_args()
     srv = MiniServer(("127.0.0.1", a.port), Handler)
-    srv.node, srv.record, srv.lock = a.node, a.record, threading.Lock()  # type: ignore[attr-defined]
+    srv.node, srv.how, srv.record, srv.lock = a.node, a.how, a.record, threading.Lock()  # type: ignore[attr-defined]
     srv.drop_once, srv.stall_once = a.drop_once, a.stall_once  # type: ignore[attr-defined]
     srv.serve_forever()
 
