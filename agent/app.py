@@ -26,7 +26,7 @@ from agent.evacuate import Evacuator
 from agent.health import HealthMonitor
 from agent.http import HttpEndpoint
 from agent.logs import setup_logging, warn_limited
-from agent.metrics import ConnectionsCollector, Metrics, SpopMetricsObserver, StateCollector
+from agent.metrics import ConnectionsCollector, Metrics, SpopMetricsObserver, StateCollector, StoreCollector
 from agent.model import ExitCode, Keys
 from agent.node_down import NodeDownPublisher
 from agent.server import SpopServer
@@ -71,6 +71,7 @@ class App:
                                        lambda: self.breaker.available, observer=self.metrics)
             self.metrics.registry.register(ConnectionsCollector(lambda: self._connections))
         self._sessions: tuple[dict[str, int], float | None] | None = None
+        self.metrics.registry.register(StoreCollector(self.core.store))
         self.metrics.registry.register(
             StateCollector(self.engine.node_views, lambda: self.breaker.available, lambda: self._sessions)
         )

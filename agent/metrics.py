@@ -1,22 +1,26 @@
-"""Prometheus metrics: counters bound once, state read at scrape time.
+"""Prometheus metrics: plain integers on the hot path, everything rendered at scrape time.
 
-prometheus-client's ``labels()`` takes a lock and a dict lookup per call, so
-every label combination the hot path touches is resolved here, at start-up
-(or on a SIGHUP reload for per-node series). Label values are always drawn
-from closed sets (decision outcomes, frame kinds, status codes, configured
-node names): a client id never becomes a label.
+The hot path (one decision, one SPOP frame) only adds to plain integers held here; nothing
+there takes a lock or builds a label tuple (prometheus-client's ``inc``/``observe`` take a
+lock each: about 7% of the agent's CPU under load). :class:`CountersCollector` turns them
+into metric families when Prometheus scrapes. Label values are always drawn from closed sets
+(decision outcomes, frame kinds, status codes, configured node names): a client id never
+becomes a label.
 
-Metrics that reflect state (node health, state, weight, sessions; Redis up) are
-not pushed by a loop: :class:`StateCollector` reads them when Prometheus scrapes.
+Metrics that reflect state (node health, state, weight, sessions; Redis up; the cache) are
+not pushed by a loop either: :class:`StateCollector` and :class:`StoreCollector` read them
+when Prometheus scrapes.
 """
 
 from __future__ import annotations
 
 import platform
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agent import __version__
@@ -29,116 +33,181 @@ FRAME_KINDS = ("hello", "notify", "disconnect", "ack")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5)
 OTHER_NODE = "_other"
 AGENT_CHECK_STATES = (*(s.value for s in NodeState), "unknown")
+#: SPOP status codes are 0-13; anything else is counted as 99.
+_STATUS_OTHER = 99
+
+
+class Latency:
+    """A histogram as plain numbers: one count per bucket (not cumulative), the sum, the count."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1  # first bound >= seconds: Prometheus' `le`
+        self.sum += seconds
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        cumulative, buckets = 0, []
+        for bound, n in zip((*(repr(b) for b in self.bounds), "+Inf"), self.counts):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
+
+
+class PerNode:
+    """Counts per configured node; a name outside the configured set counts under ``_other``.
+    A node removed by a reload keeps its series (counters never go back) but counts no more."""
+
+    __slots__ = ("bound", "counts")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {OTHER_NODE: 0}
+        self.bound: frozenset[str] = frozenset()
+
+    def bind(self, names: Iterable[str]) -> None:
+        self.bound = frozenset(names)
+        for n in self.bound:
+            self.counts.setdefault(n, 0)
+
+    def add(self, node: str, n: int = 1) -> None:
+        self.counts[node if node in self.bound else OTHER_NODE] += n
+
+    def family(self, name: str, doc: str) -> CounterMetricFamily:
+        f = CounterMetricFamily(name, doc, labels=["node"])
+        for node, count in sorted(self.counts.items()):
+            f.add_metric([node], count)
+        return f
 
 
 class Metrics:
+    """Every counter of one agent, as plain numbers; ``registry`` renders them (and whatever
+    collectors are registered beside) for ``/metrics``."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
-        r = self.registry
-        Info("mqtt_affinity_build", "Build information", registry=r).info(
+        Info("mqtt_affinity_build", "Build information", registry=self.registry).info(
             {"version": __version__, "python": platform.python_version()}
         )
-        self._decisions = Counter("mqtt_affinity_decisions", "Placement decisions by outcome", ["how"], registry=r)
-        self.decisions = {how: self._decisions.labels(how.value) for how in How}
-        self.decision_seconds = Histogram(
-            "mqtt_affinity_decision_seconds", "Time to decide one CONNECT, Redis included",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.redis_seconds = Histogram(
-            "mqtt_affinity_redis_seconds", "Redis round trip of one decision", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self._redis_errors = Counter(
-            "mqtt_affinity_redis_errors", "Decisions that could not use Redis, by cause", ["cause"], registry=r
-        )
-        self.redis_errors = {c: self._redis_errors.labels(c.value) for c in FallbackCause}
-        self.fallbacks = Counter(
-            "mqtt_affinity_fallbacks", "Decisions answered by local hashing because Redis was unavailable", registry=r
-        )
-        self._moves = Counter(
-            "mqtt_affinity_moves", "Clients re-placed on another node, by new node", ["node"], registry=r
-        )
-        self._pins = Counter("mqtt_affinity_pins_honoured", "Pins followed, by node", ["node"], registry=r)
-        self._pins_ignored = Counter(
-            "mqtt_affinity_pins_ignored", "Pins ignored because their node was down or unknown", ["node"], registry=r
-        )
-        self._routed = Counter("mqtt_affinity_routed", "Decisions that named a node, by node", ["node"], registry=r)
-        self._evictions = Counter(
-            "mqtt_affinity_evictions",
-            "Client connections closed on this balancer's HAProxy by active evacuation, by node", ["node"], registry=r,
-        )
-        self._agent_checks = Counter(
-            "mqtt_affinity_agent_checks", "HAProxy agent-check answers, by the node state answered", ["state"],
-            registry=r,
-        )
-        self.agent_checks = {k: self._agent_checks.labels(k) for k in AGENT_CHECK_STATES}
-        self.spop_connections = Gauge("mqtt_affinity_spop_connections", "Open SPOP connections", registry=r)
-        self.spop_connections_total = Counter(
-            "mqtt_affinity_spop_connections_opened", "SPOP connections accepted", registry=r
-        )
-        self.spop_healthchecks = Counter(
-            "mqtt_affinity_spop_healthchecks", "HAProxy spop-check health checks answered", registry=r
-        )
-        self._frames_in = Counter("mqtt_affinity_spop_frames_received", "SPOP frames received", ["type"], registry=r)
-        self._frames_out = Counter("mqtt_affinity_spop_frames_sent", "SPOP frames sent", ["type"], registry=r)
-        self.frames_in = {k: self._frames_in.labels(k) for k in FRAME_KINDS}
-        self.frames_out = {k: self._frames_out.labels(k) for k in FRAME_KINDS}
-        self._disconnects = Counter(
-            "mqtt_affinity_spop_disconnects", "SPOP disconnects by side and status code", ["side", "status"], registry=r
-        )
-        self.moves: dict[str, Counter] = {}
-        self.pins: dict[str, Counter] = {}
-        self.pins_ignored: dict[str, Counter] = {}
-        self.routed: dict[str, Counter] = {}
-        self.evictions: dict[str, Counter] = {}
-        self.bind_nodes(())
+        self.decisions: dict[How, int] = dict.fromkeys(How, 0)
+        self.decision_seconds = Latency()
+        self.redis_seconds = Latency()
+        self.redis_errors: dict[FallbackCause, int] = dict.fromkeys(FallbackCause, 0)
+        self.moves = PerNode()
+        self.pins = PerNode()
+        self.pins_ignored = PerNode()
+        self.routed = PerNode()
+        self.evictions = PerNode()
+        self.agent_checks: dict[str, int] = dict.fromkeys(AGENT_CHECK_STATES, 0)
+        self.spop_connections = 0
+        self.spop_connections_total = 0
+        self.spop_healthchecks = 0
+        self.frames_in: dict[str, int] = dict.fromkeys(FRAME_KINDS, 0)
+        self.frames_out: dict[str, int] = dict.fromkeys(FRAME_KINDS, 0)
+        self.disconnects: dict[tuple[str, int], int] = {}
+        self.registry.register(CountersCollector(self))
 
     def bind_nodes(self, names: Iterable[str]) -> None:
-        """(Re)bind the per-node children; unknown names count under ``_other``."""
-        names = [*names, OTHER_NODE]
-        self.moves = {n: self._moves.labels(n) for n in names}
-        self.pins = {n: self._pins.labels(n) for n in names}
-        self.pins_ignored = {n: self._pins_ignored.labels(n) for n in names}
-        self.routed = {n: self._routed.labels(n) for n in names}
-        self.evictions = {n: self._evictions.labels(n) for n in names}
-
-    @staticmethod
-    def _pick(children: dict[str, Counter], node: str) -> Counter:
-        return children.get(node) or children[OTHER_NODE]
+        """The configured node names (at start-up and on reload); others count under ``_other``."""
+        names = list(names)
+        for per_node in (self.moves, self.pins, self.pins_ignored, self.routed, self.evictions):
+            per_node.bind(names)
 
     def record_decision(self, how: How, node: str | None, seconds: float, pin_ignored: str | None) -> None:
-        self.decisions[how].inc()
+        self.decisions[how] += 1
         self.decision_seconds.observe(seconds)
         if node:
-            self._pick(self.routed, node).inc()
+            self.routed.add(node)
             if how is How.MOVED:
-                self._pick(self.moves, node).inc()
+                self.moves.add(node)
             elif how is How.PINNED:
-                self._pick(self.pins, node).inc()
+                self.pins.add(node)
         if pin_ignored:
-            self._pick(self.pins_ignored, pin_ignored).inc()
-        if how is How.FALLBACK:
-            self.fallbacks.inc()
+            self.pins_ignored.add(pin_ignored)
 
     def record_redis_error(self, cause: FallbackCause) -> None:
         """A decision that did not get its answer from Redis: an error now, or an open breaker."""
-        self.redis_errors[cause].inc()
+        self.redis_errors[cause] += 1
 
     def evicted(self, node: str, count: int) -> None:
         """The evacuator's observer hook."""
-        self._pick(self.evictions, node).inc(count)
+        self.evictions.add(node, count)
 
     def agent_check(self, state: str) -> None:
         """The agent-check server's observer hook (``state``: a node state, or ``unknown``)."""
-        child = self.agent_checks.get(state)
-        if child is not None:
-            child.inc()
+        if state in self.agent_checks:
+            self.agent_checks[state] += 1
 
     def redis_round_trip(self, seconds: float) -> None:
         """The engine's observer hook."""
         self.redis_seconds.observe(seconds)
 
+    def disconnect(self, side: str, status: int) -> None:
+        if not (0 <= status <= 13):
+            status = _STATUS_OTHER
+        key = (side, status)
+        self.disconnects[key] = self.disconnects.get(key, 0) + 1
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CountersCollector(Collector):
+    """Renders :class:`Metrics`' numbers at scrape time (names and types as Prometheus knows them)."""
+
+    def __init__(self, m: Metrics) -> None:
+        self._m = m
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        f = CounterMetricFamily("mqtt_affinity_decisions", "Placement decisions by outcome", labels=["how"])
+        for how, n in m.decisions.items():
+            f.add_metric([how.value], n)
+        yield f
+        yield m.decision_seconds.family("mqtt_affinity_decision_seconds", "Time to decide one CONNECT, Redis included")
+        yield m.redis_seconds.family("mqtt_affinity_redis_seconds", "Redis round trip of one decision")
+        f = CounterMetricFamily("mqtt_affinity_redis_errors", "Decisions that could not use Redis, by cause",
+                                labels=["cause"])
+        for cause, n in m.redis_errors.items():
+            f.add_metric([cause.value], n)
+        yield f
+        yield CounterMetricFamily("mqtt_affinity_fallbacks",
+                                  "Decisions answered by local hashing because Redis was unavailable",
+                                  value=m.decisions[How.FALLBACK])
+        yield m.moves.family("mqtt_affinity_moves", "Clients re-placed on another node, by new node")
+        yield m.pins.family("mqtt_affinity_pins_honoured", "Pins followed, by node")
+        yield m.pins_ignored.family("mqtt_affinity_pins_ignored", "Pins ignored because their node was down or unknown")
+        yield m.routed.family("mqtt_affinity_routed", "Decisions that named a node, by node")
+        yield m.evictions.family("mqtt_affinity_evictions",
+                                 "Client connections closed on this balancer's HAProxy by active evacuation, by node")
+        f = CounterMetricFamily("mqtt_affinity_agent_checks", "HAProxy agent-check answers, by the node state answered",
+                                labels=["state"])
+        for state, n in m.agent_checks.items():
+            f.add_metric([state], n)
+        yield f
+        yield GaugeMetricFamily("mqtt_affinity_spop_connections", "Open SPOP connections", value=m.spop_connections)
+        yield CounterMetricFamily("mqtt_affinity_spop_connections_opened", "SPOP connections accepted",
+                                  value=m.spop_connections_total)
+        yield CounterMetricFamily("mqtt_affinity_spop_healthchecks", "HAProxy spop-check health checks answered",
+                                  value=m.spop_healthchecks)
+        for name, doc, counts in (("mqtt_affinity_spop_frames_received", "SPOP frames received", m.frames_in),
+                                  ("mqtt_affinity_spop_frames_sent", "SPOP frames sent", m.frames_out)):
+            f = CounterMetricFamily(name, doc, labels=["type"])
+            for kind, n in counts.items():
+                f.add_metric([kind], n)
+            yield f
+        f = CounterMetricFamily("mqtt_affinity_spop_disconnects", "SPOP disconnects by side and status code",
+                                labels=["side", "status"])
+        for (side, status), n in sorted(m.disconnects.items()):
+            f.add_metric([side, str(status)], n)
+        yield f
 
 
 class StateCollector(Collector):
@@ -218,35 +287,79 @@ class ConnectionsCollector(Collector):
         yield family
 
 
+class CacheStats(Protocol):
+    hits: int
+    misses: int
+    invalidations: int
+    drops: int
+    enabled: bool
+
+    def __len__(self) -> int: ...
+
+
+class StoreStats(Protocol):
+    @property
+    def cache(self) -> CacheStats: ...
+
+    wait_short: int
+    restored: int
+
+
+class StoreCollector(Collector):
+    """The Redis layer's own counts, read at scrape time: the local cache, WAIT, the journal."""
+
+    def __init__(self, store: StoreStats) -> None:
+        self._store = store
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._store
+        c = s.cache
+        yield GaugeMetricFamily("mqtt_affinity_cache_enabled",
+                                "1 while the local record cache is in use (Redis tracking it)", value=int(c.enabled))
+        yield GaugeMetricFamily("mqtt_affinity_cache_entries", "Client records in the local cache", value=len(c))
+        yield CounterMetricFamily("mqtt_affinity_cache_hits", "Cache lookups that found the client's records",
+                                  value=c.hits)
+        yield CounterMetricFamily("mqtt_affinity_cache_misses", "Cache lookups that did not (the decision asks Redis)",
+                                  value=c.misses)
+        yield CounterMetricFamily("mqtt_affinity_cache_invalidations",
+                                  "Record buckets invalidated by Redis (another agent or the CLI wrote)",
+                                  value=c.invalidations)
+        yield CounterMetricFamily("mqtt_affinity_cache_drops",
+                                  "Whole-cache drops (tracking lost, Redis unavailable)", value=c.drops)
+        yield CounterMetricFamily("mqtt_affinity_redis_wait_short",
+                                  "Placements that reached fewer replicas than redis_wait_replicas in time",
+                                  value=s.wait_short)
+        yield CounterMetricFamily("mqtt_affinity_failover_restored",
+                                  "Placements written back by the failover journal after Redis changed",
+                                  value=s.restored)
+
+
 class SpopMetricsObserver:
-    """Adapts ``Metrics`` to the server's observer hooks."""
+    """Adapts ``Metrics`` to the server's observer hooks (plain additions)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
-        self._disconnect_children: dict[tuple[str, int], Counter] = {}
+        self._in = metrics.frames_in
+        self._out = metrics.frames_out
 
     def connection_opened(self) -> None:
-        self._m.spop_connections.inc()
-        self._m.spop_connections_total.inc()
+        self._m.spop_connections += 1
+        self._m.spop_connections_total += 1
 
     def connection_closed(self) -> None:
-        self._m.spop_connections.dec()
+        self._m.spop_connections -= 1
 
     def healthcheck(self) -> None:
-        self._m.spop_healthchecks.inc()
+        self._m.spop_healthchecks += 1
 
     def frame_received(self, kind: str) -> None:
-        self._m.frames_in[kind].inc()
+        self._in[kind] += 1
 
     def frame_sent(self, kind: str) -> None:
-        self._m.frames_out[kind].inc()
+        self._out[kind] += 1
 
     def disconnect(self, side: str, status: int) -> None:
-        # Status codes form a small closed set (0-13, 99); anything else is folded into 99.
-        if not (0 <= status <= 13):
-            status = 99
-        key = (side, status)
-        child = self._disconnect_children.get(key)
-        if child is None:
-            child = self._disconnect_children[key] = self._m._disconnects.labels(side, str(status))
-        child.inc()
+        self._m.disconnect(side, status)

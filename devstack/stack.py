@@ -220,10 +220,11 @@ class Stack:
         own = agents[0] if agents else None
         hap_env = haproxy_env(mqtt_port=port, broker_addrs=[b.addr for b in self.brokers],
                               spoa_addrs=[a.addr for a in agents], balancer_name=name,
-                              agent_check_port=own.agent_check_port if own else None, extra=env)
+                              agent_check_port=getattr(own, "agent_check_port", None), extra=env)
         # Its own agent was told where its balancer's runtime API is: the first balancer to ask
-        # that agent puts its socket there.
-        sock = own.haproxy_socket if own is not None and own.haproxy_socket not in self._claimed else None
+        # that agent puts its socket there. (The benchmarks' stand-in agents have neither.)
+        own_sock = getattr(own, "haproxy_socket", None)
+        sock = own_sock if own_sock is not None and own_sock not in self._claimed else None
         if sock is not None:
             self._claimed.add(sock)
         ha = HAProxy(self.haproxy_version, cfg_path, hap_env, workdir=self._make_dir(f"haproxy-{name}"),
