@@ -56,7 +56,8 @@ def total(samples: Samples, name: str) -> float:
 
 @pytest.fixture
 def one_balancer(stack_factory) -> Stack:
-    return stack_factory(balancers=1)
+    # Its agent counts the sessions every second (the sweep): node_sessions follows within the test.
+    return stack_factory(1, agent_overrides={"sweep_interval": 1})
 
 
 def test_metrics_follow_decisions_and_readiness_follows_redis(one_balancer: Stack, haproxy_version):
