@@ -525,10 +525,52 @@ def test_a_restarted_redis_gets_the_recent_placements_back(redis_server: Any) ->
                 except redis.exceptions.ConnectionError:  # the old connection, dead
                     await asyncio.sleep(0.1)
             assert s.restored == 1
+            assert s._to_replay == []
             assert owner(r, b"moved-client") == OwnerRecord("n2", now + 1 + 100, now + 1, "ha1")
             assert owner(r, b"newer-elsewhere").node == "n3"  # type: ignore[union-attr]
             assert await decide(s, b"moved-client", "n1", now=now + 2) == StoreDecision("n2", "hit")
             r.close()
+        finally:
+            await s.close()
+
+    asyncio.run(go())
+
+
+def test_a_large_journal_goes_back_across_short_probes(redis_server: Any) -> None:
+    """Thousands of journal entries are written back even when each probe has little time:
+    progress is kept between probes, so decisions come back to Redis in finitely many."""
+    url = redis_server.url
+    now = int(time.time())
+    ids = [f"j-{i:05d}".encode() for i in range(6000)]
+
+    async def go() -> None:
+        s = RedisStore(url, timeout=2.0, pool_size=2)
+        try:
+            await s.ping()
+            keys = s.keys
+            for cid in ids:
+                s.journal.add(cid, keys.client(cid)[0], OwnerRecord("n2", now + 100, now, "ha1").encode())
+            redis_server.kill()
+            redis_server.start()
+            probes = 0
+            while True:  # what the breaker does: a bounded probe, again and again
+                probes += 1
+                assert probes < 200, s.restored
+                try:
+                    async with asyncio.timeout(0.03):
+                        await s.ping()
+                    break
+                except (TimeoutError, redis.exceptions.ConnectionError):
+                    await asyncio.sleep(0.01)
+            # Every one is back (a call cut short by a probe's end may have landed uncounted).
+            r = redis.Redis.from_url(url)
+            assert {owner(r, c).node for c in ids} == {"n2"}  # type: ignore[union-attr]
+            r.close()
+            assert 0 < s.restored <= len(ids)
+            # Once back, the next probe has nothing to write back.
+            restored = s.restored
+            await s.ping()
+            assert s.restored == restored and s._to_replay == []
         finally:
             await s.close()
 
