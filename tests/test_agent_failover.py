@@ -73,13 +73,13 @@ def test_sigkill_and_restart_of_an_agent_under_load(make_stack, haproxy_version)
     stack = make_stack()
     victim = stack.agents["ha1"]
     ports = [b.port for b in stack.balancers]
-    load = OpenLoopLoad(ports, [f"kill-{haproxy_version}-{i:03d}" for i in range(IDS)], rate=RATE, duration=12.0)
+    load = OpenLoopLoad(ports, [f"kill-{haproxy_version}-{i:03d}" for i in range(IDS)], rate=RATE, duration=9.0)
 
     def restart() -> None:
         victim.start()
         victim.wait_listening()
 
-    timeline = run_scenario(load, [(2.5, "SIGKILL agent ha1", victim.kill), (9.5, "start agent ha1", restart)])
+    timeline = run_scenario(load, [(2.0, "SIGKILL agent ha1", victim.kill), (6.5, "start agent ha1", restart)])
     report = analyse(load.attempts, [b.haproxy for b in stack.balancers], stack.owners)
     _zero_cost(report)
     # It really happened: ha1 marked its own agent DOWN (at its first refused connection, not
@@ -94,7 +94,7 @@ def test_sigterm_restart_of_an_agent_under_load(make_stack, haproxy_version):
     stack = make_stack(drain_period=None)  # the agent's default drain_period
     victim = stack.agents["ha1"]
     ports = [b.port for b in stack.balancers]
-    load = OpenLoopLoad(ports, [f"term-{haproxy_version}-{i:03d}" for i in range(IDS)], rate=RATE, duration=10.0)
+    load = OpenLoopLoad(ports, [f"term-{haproxy_version}-{i:03d}" for i in range(IDS)], rate=RATE, duration=8.5)
     exit_codes = []
 
     def restart() -> None:  # what `systemctl restart` does: stop, wait for the exit, start

@@ -356,6 +356,8 @@ def evacuate(args: argparse.Namespace, ctx: Context) -> Evacuation:
         if deadline is not None and time.monotonic() >= deadline:
             return Evacuation(changed, result.balancers, sample, waited=True, timed_out=True)
         every = WAIT_EVERY if sample.active else WAIT_EVERY_PASSIVE
+        if emptied is not None:  # the next look that matters is when the node has settled
+            every = min(every, max(0.0, SETTLE - (sample.elapsed - emptied)) + 0.05)
         time.sleep(every if deadline is None else max(0.0, min(every, deadline - time.monotonic())))
         sample = _evacuation_sample(ctx, node, started)
         print(evacuation_progress(sample), flush=True)
