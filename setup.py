@@ -9,7 +9,8 @@ failed one:
 * ``MQTT_AFFINITY_PURE=1`` in the environment;
 * an editable install (``pip install -e .``, the dev virtualenv): the suite tests the source;
 * no ``Python.h`` (Debian: ``apt-get install python3-dev``) or no C compiler;
-* mypyc (the ``mypy`` package, a build requirement added by ``build_backend.py``) missing;
+* mypyc (the ``mypy`` package, a build requirement that ``build_backend.py`` adds unless one
+  of the reasons above holds) missing;
 * mypyc or the compiler failing: then none of the compiled modules is installed.
 
 ``mqtt-affinity --version`` says which build is installed. The figures that justify compiling
@@ -18,17 +19,19 @@ are in the README (Performance) and come from ``bench/compiled_hot_path.py``.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import sysconfig
 from pathlib import Path
 from typing import Any
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-#: Pure modules (no I/O) that run per decision, in the order mypyc needs no particular one.
+# The in-tree backend (pyproject's backend-path) knows when this machine cannot compile; it is
+# next to this file, which setuptools runs from the project's root.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_backend import pure_reason
+
+#: The pure modules (no I/O) of the per-decision path: SPOP codec, HRW, CONNECT fields, rules.
 #: bench/compiled_hot_path.py and tests/test_compiled.py build the same list.
 COMPILED = [
     "agent/spop/errors.py",
@@ -40,8 +43,8 @@ COMPILED = [
     "agent/request.py",
     "agent/rules.py",
 ]
-#: setup.py commands that build extension modules (sys.argv: egg_info, dist_info, sdist and
-#: editable_wheel never compile anything).
+#: setup.py commands that build extension modules (egg_info, dist_info and sdist, which
+#: setuptools also runs for a wheel, never do; editable_wheel never compiles).
 _BUILDING = {"bdist_wheel", "build", "build_ext", "install"}
 
 
@@ -51,16 +54,11 @@ def _say(message: str) -> None:
 
 def _pure_reason() -> str | None:
     """Why this build is pure Python, or None when it may compile."""
-    if os.environ.get("MQTT_AFFINITY_PURE", "") not in ("", "0"):
-        return "MQTT_AFFINITY_PURE is set"
     if "editable_wheel" in sys.argv or "develop" in sys.argv:
         return "editable install (the source is what runs)"
-    include = sysconfig.get_path("include")
-    if not Path(include, "Python.h").is_file():
-        return f"no Python.h in {include} (Debian: apt-get install python3-dev)"
-    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(cc) is None:
-        return f"no C compiler ({cc})"
+    reason = pure_reason()
+    if reason is not None:
+        return reason
     try:
         import mypyc.build  # noqa: F401
     except ImportError as exc:
@@ -69,7 +67,7 @@ def _pure_reason() -> str | None:
 
 
 def _ext_modules() -> list[Any]:
-    if not _BUILDING.intersection(sys.argv[1:]):
+    if not _BUILDING.intersection(sys.argv[1:]) and "editable_wheel" not in sys.argv:
         return []
     reason = _pure_reason()
     if reason is None:

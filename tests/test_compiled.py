@@ -185,3 +185,19 @@ def test_failing_compiler_falls_back_to_pure(compiled_dir: Path, tmp_path: Path)
     assert "building pure Python: compiling failed" in said, said + proc.stderr[-3000:]
     assert not [m for m in _compiled_list() if _is_compiled(project, m)]
     assert not list(project.glob("*.so"))
+
+
+def test_no_python_h_means_pure_and_no_mypy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A fresh Debian without python3-dev: the backend does not even ask for mypy.
+    import build_backend
+
+    monkeypatch.delenv("MQTT_AFFINITY_PURE", raising=False)
+    monkeypatch.setattr(build_backend.sysconfig, "get_path", lambda name: str(tmp_path))
+    reason = build_backend.pure_reason()
+    assert reason is not None and reason.startswith("no Python.h")
+    monkeypatch.setattr(build_backend._setuptools, "get_requires_for_build_wheel", lambda cs=None: [])
+    assert build_backend.get_requires_for_build_wheel() == []
+    monkeypatch.undo()
+    monkeypatch.setattr(build_backend._setuptools, "get_requires_for_build_wheel", lambda cs=None: [])
+    monkeypatch.setenv("MQTT_AFFINITY_PURE", "1")
+    assert build_backend.get_requires_for_build_wheel() == []
