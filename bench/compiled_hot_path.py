@@ -11,12 +11,12 @@ What is timed (CPU per operation, ``time.process_time``), on the objects the age
   encode   ``SpopConnection.send`` of the ACK (``node`` + ``how`` set-vars)
   chain    decode + parse + hrw + encode, one decision's worth (no elig)
 
-How: the candidate modules (``COMPILED`` below: the SPOP codec, placement, request, rules) are
-copied with the rest of ``agent/`` into a temporary folder and compiled there with mypyc (the
-``mypy`` of this virtualenv, the machine's C compiler; ~30 s), so the source tree never gets a
-``.so``. Then this script runs itself once per variant, alternating, in a child process whose
-``sys.path`` starts with either the repository (pure) or that folder (compiled); each child
-checks which kind of module it imported. The best of ``--repeat`` runs per variant is kept.
+How: the project is copied into a temporary folder and setup.py builds its compiled modules
+there in place (``COMPILED``: the SPOP codec, placement, request, rules; the ``mypy`` of this
+virtualenv, the machine's C compiler; ~30 s), so the source tree never gets a ``.so``. Then this
+script runs itself once per variant, alternating, in a child process whose ``sys.path`` starts
+with either the repository (pure) or that folder (compiled); each child checks which kind of
+module it imported. The best of ``--repeat`` runs per variant is kept.
 
     .venv/bin/python bench/compiled_hot_path.py                 # build, 0.3 s per case, 5 runs each
     .venv/bin/python bench/compiled_hot_path.py --build-dir /tmp/mc --repeat 9
@@ -42,34 +42,28 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: The modules a compiled build would contain (kept equal to setup.py's list).
-COMPILED = (
-    "agent/spop/errors.py",
-    "agent/spop/types.py",
-    "agent/spop/events.py",
-    "agent/spop/frames.py",
-    "agent/spop/connection.py",
-    "agent/placement.py",
-    "agent/request.py",
-    "agent/rules.py",
-)
+#: What setup.py needs of the project to build.
+PROJECT_FILES = ("pyproject.toml", "setup.py", "build_backend.py", "MANIFEST.in", "README.md")
 CASES = ("decode", "parse", "elig", "hrw", "encode", "chain")
 
 
 def build(dest: Path) -> Path:
-    """Copy agent/ into ``dest`` and compile ``COMPILED`` there in place; return ``dest``."""
-    marker = dest / "agent" / "placement.py"
-    if marker.exists() and any((dest / "agent").glob("placement.*.so")):
+    """Copy the project into ``dest`` and build setup.py's compiled modules there in place."""
+    if any((dest / "agent").glob("placement.*.so")):
         return dest
     dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        shutil.copy2(REPO / name, dest / name)
     shutil.copytree(REPO / "agent", dest / "agent", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "mypyc", *COMPILED], cwd=dest,
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"mypyc failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    print(f"built with mypyc in {time.monotonic() - started:.1f} s into {dest}", file=sys.stderr)
+    env = {k: v for k, v in os.environ.items() if k != "MQTT_AFFINITY_PURE"}
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "--parallel", "2"],
+                          cwd=dest, env=env, capture_output=True, text=True, check=False)
+    said = [line for line in proc.stderr.splitlines() if line.startswith("mqtt-affinity:")]
+    if proc.returncode != 0 or not any((dest / "agent").glob("placement.*.so")):
+        sys.exit(f"no compiled build ({proc.returncode}): {said}\n{proc.stderr[-4000:]}")
+    print(f"built in {time.monotonic() - started:.1f} s into {dest}: {' '.join(said)}", file=sys.stderr)
     return dest
 
 
