@@ -21,11 +21,24 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
+# gcc compiles the hot modules with mypyc (setup.py; the image already has
+# Python.h). The runtime stage gets the compiled wheel, not the compiler. Build
+# with --build-arg MQTT_AFFINITY_PURE=1 for a pure-Python image (no gcc needed:
+# setup.py falls back to pure Python by itself when it cannot compile).
+ARG MQTT_AFFINITY_PURE=
+ENV MQTT_AFFINITY_PURE=${MQTT_AFFINITY_PURE}
+RUN if [ -z "$MQTT_AFFINITY_PURE" ]; then \
+        apt-get update \
+     && apt-get install -y --no-install-recommends gcc libc6-dev \
+     && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 WORKDIR /src
-# Only what the wheel is built from: pyproject.toml, README.md (the long
-# description; the wildcard keeps a checkout without it buildable) and agent/
-# (the package and its Lua data files).
-COPY pyproject.toml README* ./
+# Only what the wheel is built from: pyproject.toml with setup.py and the
+# in-tree build backend (build_backend.py), README.md (the long description;
+# the wildcard keeps a checkout without it buildable) and agent/ (the package
+# and its Lua data files).
+COPY pyproject.toml setup.py build_backend.py MANIFEST.in README* ./
 COPY agent ./agent
 RUN pip wheel --wheel-dir /wheels .
 
@@ -51,7 +64,7 @@ RUN groupadd --system --gid 10001 mqtt-affinity \
 # here). The bind mount keeps the wheel files out of the image layers.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels mqtt-affinity \
- && mqtt-affinity --version
+ && mqtt-affinity --version  # says "hot path compiled with mypyc" or "pure Python"
 
 USER 10001:10001
 WORKDIR /

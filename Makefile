@@ -31,4 +31,6 @@ demo: bootstrap
 
 clean:
 	rm -rf .haproxy .pytest_cache .hypothesis build .demo
+	rm -f *.so  # the mypyc group library of a build run in place (setup.py)
+	find agent -name '*.so' -delete
 	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

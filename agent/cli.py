@@ -19,6 +19,13 @@ from agent.config import ConfigError
 from agent.model import ExitCode
 
 
+def _build() -> str:
+    """Whether this install runs the hot modules compiled with mypyc (setup.py) or as Python."""
+    from agent.spop import frames
+
+    return "pure Python" if (frames.__file__ or "").endswith(".py") else "hot path compiled with mypyc"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, status 2
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
@@ -26,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mqtt-affinity", description="Sticky MQTT sessions for HAProxy, decided in Redis.")
-    parser.add_argument("--version", action="version", version=f"mqtt-affinity {__version__}")
+    parser.add_argument("--version", action="version", version=f"mqtt-affinity {__version__} ({_build()})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run the SPOE agent in the foreground")
     run.add_argument("--config", required=True, type=Path, help="agent YAML config")

@@ -23,6 +23,24 @@ if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1 && [[ ! -x .venv/bin/py
     missing+=(python3-venv)
 fi
 
+# tests/test_compiled.py builds the hot modules with mypyc: it needs gcc and Python.h
+# (python3-dev) for the Python that makes .venv; without them it is skipped. Installed when
+# root (CI); only noted otherwise, since the dev virtualenv itself is pure Python.
+if ! python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_path("include"), "Python.h")))'; then
+    if [[ $(id -u) -eq 0 ]]; then
+        missing+=(python3-dev)
+    else
+        log "note: no Python.h (python3-dev): tests/test_compiled.py will be skipped"
+    fi
+fi
+if ! command -v gcc >/dev/null 2>&1; then
+    if [[ $(id -u) -eq 0 ]]; then
+        missing+=(gcc libc6-dev)
+    else
+        log "note: no gcc: tests/test_compiled.py will be skipped"
+    fi
+fi
+
 if ((${#missing[@]})); then
     cmd="apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing[*]}"
     if [[ $(id -u) -ne 0 ]]; then

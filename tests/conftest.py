@@ -44,6 +44,26 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+# The suite runs the pure-Python source of agent/. MQTT_AFFINITY_COMPILED=DIR runs it against
+# a mypyc build in DIR instead (a copy of agent/ with the compiled modules next to their source,
+# as tests/test_compiled.py makes one): DIR goes first on sys.path, before anything imports agent.
+_COMPILED_DIR = os.environ.get("MQTT_AFFINITY_COMPILED")
+if _COMPILED_DIR:
+    sys.path.insert(0, os.path.abspath(_COMPILED_DIR))
+    if "agent" in sys.modules:
+        raise RuntimeError(
+            f"MQTT_AFFINITY_COMPILED: agent was imported before conftest, from {sys.modules['agent'].__file__}"
+        )
+else:
+    # A compiled module left in the source tree (mypyc or `setup.py build_ext --inplace` run by
+    # hand) would be imported instead of its .py, by the suite and by the editable install.
+    _stray = sorted(str(p.relative_to(_REPO_ROOT)) for p in Path(_REPO_ROOT, "agent").rglob("*.so"))
+    if _stray:
+        raise RuntimeError(
+            f"compiled modules in the source tree would shadow agent/'s Python source: {', '.join(_stray)}; "
+            "remove them (make clean)"
+        )
+
 from devstack import (  # noqa: E402
     HAPROXY_CFG,
     HAPROXY_VERSIONS,
@@ -55,6 +75,20 @@ from devstack import (  # noqa: E402
     ToolMissing,
     haproxy_binary,
 )
+
+if _COMPILED_DIR:
+    import agent.placement
+
+    if not (agent.placement.__file__ or "").endswith(".so"):
+        raise RuntimeError(f"MQTT_AFFINITY_COMPILED={_COMPILED_DIR}: agent.placement is {agent.placement.__file__}")
+
+
+def pytest_report_header(config) -> str:
+    import agent.placement
+
+    kind = f"compiled ({_COMPILED_DIR})" if _COMPILED_DIR else "pure Python"
+    return f"agent: {kind}, {Path(agent.placement.__file__ or '?').parent}"
+
 
 PROCESS_FIXTURES = frozenset(
     {

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from agent import placement
 from agent.placement import choose, rank
+from tests.support import COMPILED
 
 THREE = [("node1", 1.0), ("node2", 1.0), ("node3", 1.0)]
 KEYS = [f"client-{i}".encode() for i in range(30_000)]
@@ -49,6 +50,7 @@ def test_empty_and_zero_weight() -> None:
         assert rank(b"k", nodes) == ["b"]
 
 
+@pytest.mark.skipif(COMPILED, reason="compiled: choose() calls the compiled _score, not a replacement")
 def test_tie_goes_to_smallest_name() -> None:
     # Same name twice hashes identically; distinct names tie only through equal scores, which
     # we force by monkeypatching the score function.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final
+from typing import Any, Final
 
 from .errors import LocalProtocolError, ProtocolError, Status
 
@@ -68,7 +68,9 @@ class Typed:
     """
 
     type: DataType
-    value: object
+    #: ``Any``, not ``object``: mypyc (see setup.py) looks the annotation of a dataclass field
+    #: up in the module's globals at import, where the builtin ``object`` is not.
+    value: Any
 
 
 #: A varint of a 64-bit value never needs more than 10 bytes; anything longer
