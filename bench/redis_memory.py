@@ -39,6 +39,8 @@ NODES = ("node1", "node2", "node3")
 TTL = 86400
 NOW = int(time.time())
 BATCH = 2000
+#: Decisions per script call (the agent's decision_batch default).
+PER_CALL = 16
 
 IDS: dict[str, Callable[[int], bytes]] = {
     # 20 bytes, the shape of most device ids
@@ -59,12 +61,19 @@ def write_v2(r: redis.Redis, ids: list[bytes]) -> None:
     nodes = [(n, 1.0) for n in NODES]
     for start in range(0, len(ids), BATCH):
         pipe = r.pipeline(transaction=False)
-        for cid in ids[start:start + BATCH]:
-            owners, pins = keys.client(cid)
-            cand = placement.choose(cid, nodes)
-            pipe.evalsha(sha, 2, owners, pins, cid, "p", cand, TTL, NOW, "ha1", "", refresh_step(TTL),
-                         len(NODES), *NODES, 0, 0)
-        pipe.execute()
+        chunk = ids[start:start + BATCH]
+        for at in range(0, len(chunk), PER_CALL):
+            # As the agent sends them (decide.lua's header): up to PER_CALL decisions per call,
+            # keys stride 2, the node sets once, then 7 fields per decision.
+            calls = chunk[at:at + PER_CALL]
+            ks = [k for cid in calls for k in keys.client(cid)]
+            argv: list[bytes | str | int] = [len(calls), 2, NOW, len(NODES), *NODES, 0, 0]
+            for cid in calls:
+                argv += [cid, "p", placement.choose(cid, nodes), TTL, refresh_step(TTL), "ha1", ""]
+            pipe.evalsha(sha, len(ks), *ks, *argv)
+        replies = pipe.execute()
+        if start == 0:  # the script really placed them (a wrong argument layout fails loudly)
+            assert replies[0][1] == b"assigned", replies[0]
 
 
 def write_v1(r: redis.Redis, ids: list[bytes]) -> None:
