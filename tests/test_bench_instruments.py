@@ -4,12 +4,14 @@
   behind real HAProxy 2.6 and 3.2 (with bench/null_agent.py, the do-nothing agent);
 - bench/spop_load.py sends the messages it says: persistent by default, clean or MQTT 5 on
   request, the asked share of never-seen ids, parsed by the agent's own request parser.
+- bench/redis_memory.py writes its sessions with the agent's own decision script.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -209,3 +211,14 @@ def test_spop_load_other_session_kinds(mqtt5: bool, expiry: int | None, clean: b
     r = parse_connect(decode_messages(mix.next_payload())[0].args)
     assert (r.persistent, r.flags, r.proto_ver, r.sess_expiry) == (persistent, flags | 0x80, proto, expiry)
     assert r.username == b"u" and mix.persistent == persistent
+
+
+def test_redis_memory_writes_through_the_agents_own_script() -> None:
+    """bench/redis_memory.py places its sessions with decide.lua as the agent calls it (a stale
+    argument layout fails there) and prints one row per layout."""
+    out = subprocess.run([sys.executable, str(BENCH / "redis_memory.py"), "--sessions", "3000",
+                          "--ids", "sensor"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [ln.split("|") for ln in out.stdout.splitlines() if ln.startswith("| sensor")]
+    assert [r[2].strip() for r in rows] == ["v2 (buckets)", "v1 (hash + placed zset)", "plain string"], out.stdout
+    assert all(float(r[3]) > 0 for r in rows), out.stdout
