@@ -36,7 +36,7 @@ log = logging.getLogger("mqtt_affinity")
 # Keys a SIGHUP cannot change without re-binding sockets or pools: a restart applies them.
 RESTART_ONLY = (
     "listen", "metrics_listen", "redis_url", "key_prefix", "redis_pool_size", "max_frame_size",
-    "max_in_flight", "max_connections", "health", "agent_check_listen", "haproxy_socket",
+    "max_in_flight", "max_connections", "health", "agent_check_listen", "haproxy_socket", "workers",
 )  # hello_timeout applies to connections opened after a reload; drain_period is read at SIGTERM
 
 
