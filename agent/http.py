@@ -12,6 +12,7 @@ private folder, for the supervisor to scrape and ask.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -22,7 +23,9 @@ log = logging.getLogger("mqtt_affinity.http")
 MAX_HEADER_BYTES = 8192
 READ_TIMEOUT = 5.0
 
-Readiness = Callable[[], tuple[bool, str]]
+#: ``(ok, why)`` for /readyz or /healthz, computed at once or awaited (the supervisor of
+#: ``workers`` asks its workers).
+Readiness = Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]]
 
 
 def _alive() -> tuple[bool, str]:
@@ -87,11 +90,9 @@ class HttpEndpoint:
         if target == b"/metrics":
             body = await self._render()
             await self._respond(writer, 200, body, CONTENT_TYPE_LATEST.encode(), head_only=head_only)
-        elif target == b"/healthz":
-            ok, why = self._healthy()
-            await self._respond(writer, 200 if ok else 503, (why + "\n").encode(), head_only=head_only)
-        elif target == b"/readyz":
-            ok, why = self._ready()
+        elif target in (b"/healthz", b"/readyz"):
+            answer = (self._healthy if target == b"/healthz" else self._ready)()
+            ok, why = await answer if inspect.isawaitable(answer) else answer
             await self._respond(writer, 200 if ok else 503, (why + "\n").encode(), head_only=head_only)
         else:
             await self._respond(writer, 404, b"not found\n", head_only=head_only)

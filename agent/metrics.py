@@ -29,10 +29,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Info, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from agent import __version__
 from agent.affinity import FallbackCause
@@ -66,7 +66,8 @@ SHARED_GAUGES = frozenset({
     "mqtt_affinity_redis_up",
     "mqtt_affinity_cache_enabled",
 })
-_SUMMED_TYPES = frozenset({"counter", "histogram", "summary"})
+#: Metric types whose series are summed over workers.
+SUMMED_TYPES = frozenset({"counter", "histogram", "summary"})
 
 
 def merge_expositions(texts: Sequence[str]) -> list[Metric]:
@@ -77,7 +78,7 @@ def merge_expositions(texts: Sequence[str]) -> list[Metric]:
     series: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], Sample]] = {}
     for text in texts:
         for fam in text_string_to_metric_families(text):
-            summed = fam.type in _SUMMED_TYPES or (fam.type == "gauge" and fam.name in PER_PROCESS_GAUGES)
+            summed = fam.type in SUMMED_TYPES or (fam.type == "gauge" and fam.name in PER_PROCESS_GAUGES)
             if fam.name not in families:
                 families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
                 series[fam.name] = {}
