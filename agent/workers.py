@@ -121,7 +121,7 @@ def _check_port(addr: tuple[str, int], key: str) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise OSError(exc.errno, f"{key} {host}:{port}: {exc.strerror or exc}") from None
+            raise OSError(f"{key} {host}:{port}: {exc.strerror or exc}") from None
 
 
 class _Worker:
