@@ -115,6 +115,8 @@ class App:
         self._stop = asyncio.Event()
         self._cut_drain = asyncio.Event()
         self._orphan_watch: asyncio.Task[None] | None = None
+        #: A worker started again after its config file was edited (see run()).
+        self.reload_after_start = False
 
     # -- readiness and metrics -------------------------------------------------
 
@@ -148,6 +150,8 @@ class App:
             self._orphan_watch = loop.create_task(self._stop_when_orphaned(os.getppid()))
         try:
             await self.start()
+            if self.reload_after_start:
+                self.reload()
             await self._stop.wait()
             await self.drain()
             log.info("stopping: finishing in-flight requests")
@@ -276,10 +280,17 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
 
 
+def _text(path: str | os.PathLike[str]) -> bytes | None:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
+
+
 def run(config_path: Path, worker: WorkerRole | None = None) -> int:
     """The agent: one process, or with ``workers`` > 1 the supervisor of that many (a worker
     is started with ``worker``, by the supervisor)."""
-    config = load_config(config_path)
+    config = load_config(config_path if worker is None else worker.start_config)
     if worker is None and config.workers > 1:
         from agent.workers import supervise
 
@@ -288,6 +299,10 @@ def run(config_path: Path, worker: WorkerRole | None = None) -> int:
     if worker is not None:
         set_process_fields(worker=worker.index, pid=os.getpid())
     app = App(config, config_path, worker)
+    if worker is not None and _text(config_path) != _text(worker.start_config):
+        # Started again after the file was edited: what a SIGHUP would apply, applies once it
+        # runs (the restart-only keys stay those of the other workers).
+        app.reload_after_start = True
     try:
         return asyncio.run(app.run())
     except OSError as exc:

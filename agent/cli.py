@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Set by the supervisor of `workers` > 1 for each worker it starts (agent/workers.py).
     run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--worker-http", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
     admin.add_commands(sub)
     return parser
 
@@ -45,10 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.workers import WorkerRole
 
         worker = None
-        if args.worker_index is not None or args.worker_http is not None:
-            if args.worker_index is None or args.worker_http is None:
-                parser.error("--worker-index and --worker-http go together")
-            worker = WorkerRole(args.worker_index, args.worker_http)
+        role = (args.worker_index, args.worker_http, args.worker_config)
+        if any(v is not None for v in role):
+            if args.worker_index is None or args.worker_http is None or args.worker_config is None:
+                parser.error("--worker-index, --worker-http and --worker-config go together")
+            worker = WorkerRole(args.worker_index, args.worker_http, args.worker_config)
         try:
             return run(args.config, worker)
         except ConfigError as exc:

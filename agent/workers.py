@@ -2,8 +2,8 @@
 
 One asyncio process decides a few thousand CONNECTs per second on one core. A balancer host
 with spare cores can run ``workers: N``: ``mqtt-affinity run`` then starts this supervisor,
-which starts N workers, each ``mqtt-affinity run --worker-index I --worker-http PATH`` (the
-normal agent, :class:`agent.app.App`, in a process of its own). Every worker binds the SPOP
+which starts N workers, each ``mqtt-affinity run --worker-index I --worker-http PATH
+--worker-config COPY`` (the normal agent, :class:`agent.app.App`, in a process of its own). Every worker binds the SPOP
 port and the agent-check port with SO_REUSEPORT, so the kernel spreads HAProxy's new
 connections over them; a connection stays with the worker that accepted it.
 
@@ -30,7 +30,10 @@ supervisor dies.
 A worker that exits unexpectedly is started again after a back-off (0.5 s, doubling up to 30 s;
 back to 0.5 s once a worker has run for a minute). A worker that fails while the supervisor
 starts stops everything: the supervisor exits with that worker's code (1: could not start, 2:
-bad config). A restarted worker reads the config file as it is then.
+bad config). A worker started again later starts from a copy of the config the supervisor
+started with (in the private folder), then reloads the file as it is now if that differs: the
+restart-only keys (``listen``, ``redis_url``, ...) stay those of its siblings, the rest follows
+the file, as after a SIGHUP.
 
 What must happen once per host runs in worker 0 only (see :class:`agent.app.App`).
 """
@@ -77,11 +80,12 @@ STABLE_AFTER = 60.0
 
 @dataclass(frozen=True)
 class WorkerRole:
-    """What makes an agent process a worker: its index (0 runs the once-per-host work) and
-    the unix socket of its HTTP endpoint."""
+    """What makes an agent process a worker: its index (0 runs the once-per-host work), the
+    unix socket of its HTTP endpoint, and the copy of the config the supervisor started with."""
 
     index: int
     http_path: str
+    start_config: str
 
 
 async def http_get(path: str, target: str, timeout: float = ASK_TIMEOUT) -> tuple[int, bytes]:
@@ -126,7 +130,7 @@ def _check_port(addr: tuple[str, int], key: str) -> None:
 
 class _Worker:
     def __init__(self, index: int, http_path: str) -> None:
-        self.role = WorkerRole(index, http_path)
+        self.role = WorkerRole(index, http_path, os.path.join(os.path.dirname(http_path), "config-at-start.yaml"))
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
         self.backoff = BACKOFF_FIRST
@@ -154,6 +158,8 @@ class Supervisor:
         self.config_path = Path(os.path.abspath(config_path))
         self._dir = tempfile.mkdtemp(prefix="mqtt-affinity-workers-")  # mode 0700
         self.workers = [_Worker(i, os.path.join(self._dir, f"worker-{i}.sock")) for i in range(config.workers)]
+        # What every worker starts from, also one started again after the file was edited.
+        shutil.copyfile(self.config_path, self.workers[0].role.start_config)
         self.http: HttpEndpoint | None = None
         if config.metrics_listen is not None:
             host, port = config.metrics_listen
@@ -228,6 +234,7 @@ class Supervisor:
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent", "run", "--config", str(self.config_path),
             "--worker-index", str(w.index), "--worker-http", w.role.http_path,
+            "--worker-config", w.role.start_config,
             stdin=subprocess.DEVNULL, process_group=0, env=self._env,
         )
         w.started = time.monotonic()

@@ -173,6 +173,7 @@ def test_workers_spread_sum_reload_restart_and_stop(redis_server, brokers, tmp_w
         data = yaml.safe_load(cfg.read_text())
         data["nodes"][1]["weight"] = 7
         data["workers"] = 3
+        data["listen"] = f"127.0.0.1:{free_port()}"  # restart-only, like workers
         cfg.write_text(yaml.safe_dump(data, sort_keys=False))
         agent.send_signal(signal.SIGHUP)
         wait_until(lambda: agent.stderr_text().count("reloaded ") >= before + 2, timeout=10,
@@ -183,6 +184,7 @@ def test_workers_spread_sum_reload_restart_and_stop(redis_server, brokers, tmp_w
         assert re.search(r"reload: workers changed \(2 to 3\); it takes effect at the next restart .*"
                          r"worker=supervisor", log), log
         assert log.count("reload: workers changed") == 1  # said once, by the supervisor
+        assert log.count("reload: listen changed") == 2  # by each worker
         assert sorted(_workers(agent)) == [0, 1]
 
         # -- a SIGKILLed worker is started again; the port keeps answering meanwhile --------------
@@ -205,7 +207,11 @@ def test_workers_spread_sum_reload_restart_and_stop(redis_server, brokers, tmp_w
         assert _value(after, "mqtt_affinity_worker_restarts_total") == 1
         # The dead worker's counters are kept: the sum does not go back.
         assert _value(after, "mqtt_affinity_spop_connections_opened_total") >= opened + 20
+        # Started again from the config its siblings started with, then the file as it is now:
+        # the edited weight applies, the edited listen does not (it shares their port).
         assert _value(_worker_metrics(_workers(agent)[1][1]), "mqtt_affinity_node_weight", node="node2") == 7
+        assert re.search(rf"listening: spop 127.0.0.1:{spop}, .* worker=1 pid={new_pid}", agent.stderr_text())
+        assert re.search(rf"reload: listen changed; .* worker=1 pid={new_pid}", agent.stderr_text())
 
         # -- SIGTERM: every worker drains, then all exit, the supervisor with 0 ------------------
         live = {pids[0], new_pid}
