@@ -219,12 +219,23 @@ class Supervisor:
         w, rc = failed[0]
         log.error("worker %d could not start (%s): stopping the others", w.index, _describe(rc))
         self._stopping.set()
-        for _ in range(2):  # the second ends their drain
-            self._signal_all(signal.SIGTERM)
-        for other in self.workers:
-            if other.proc is not None:
-                await other.proc.wait()
+        await asyncio.gather(*(self._stop_now(other) for other in self.workers))
         return rc if rc in (ExitCode.NOT_FOUND, ExitCode.USAGE) else ExitCode.NOT_FOUND
+
+    @staticmethod
+    async def _stop_now(w: _Worker) -> None:
+        """Stop ``w`` without a drain: SIGTERM again until it is gone (a signal sent while the
+        same one is still pending is merged with it, so the one that ends the drain must come
+        later)."""
+        while w.proc is not None and w.proc.returncode is None:
+            try:
+                w.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(w.proc.wait(), 0.2)
+            except TimeoutError:
+                pass
 
     async def _spawn(self, w: _Worker) -> None:
         try:
@@ -381,4 +392,8 @@ def supervise(config_path: Path, config: Config) -> int:
     """``mqtt-affinity run`` with ``workers`` > 1."""
     setup_logging(config.log_level, config.log_format)
     set_process_fields(worker="supervisor", pid=os.getpid())
-    return asyncio.run(Supervisor(config, config_path).run())
+    try:
+        return asyncio.run(Supervisor(config, config_path).run())
+    except OSError as exc:  # e.g. no private folder, or a worker process that cannot be started
+        log.error("cannot start: %s", exc)
+        return ExitCode.NOT_FOUND

@@ -273,6 +273,29 @@ def test_a_taken_port_is_one_clear_line_and_exit_1(redis_server, tmp_workdir) ->
     assert "listening:" not in log  # no worker was started
 
 
+def test_a_worker_that_cannot_start_stops_the_others_and_exit_1(redis_server, tmp_workdir) -> None:
+    """Worker 1 dies as it starts (its interpreter exits before the agent runs: what a broken
+    install or an out-of-memory kill at start looks like); worker 0 is stopped without a drain."""
+    workdir = tmp_workdir("agent")
+    cfg, spop, metrics = _config(workdir, redis_server.url, [("node1", "127.0.0.1:1")], drain_period=30)
+    site = workdir / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if '--worker-index' in sys.argv and sys.argv[sys.argv.index('--worker-index') + 1] == '1':\n"
+        "    sys.exit(1)\n")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
+    agent = AgentProcess(cfg, env, workdir=workdir, spop_port=spop, metrics_port=metrics).start()
+    try:
+        assert agent.wait_exit(timeout=15) == 1
+    finally:
+        agent.stop()
+    log = agent.stderr_text()
+    assert "worker 1 could not start (code 1): stopping the others" in log, log
+    assert re.search(r"drain cut short by a second stop signal worker=0", log), log
+    assert re.search(r"INFO +mqtt_affinity: stopped worker=0", log), log
+
+
 def test_workers_behind_haproxy(redis_server, brokers, tmp_workdir, haproxy_version) -> None:
     stack = Stack(haproxy_version, workdir=tmp_workdir, redis=redis_server, brokers=brokers,
                   agent_overrides={"workers": 2})
