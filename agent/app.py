@@ -31,7 +31,7 @@ from agent.metrics import ConnectionsCollector, Metrics, SpopMetricsObserver, St
 from agent.model import ExitCode, Keys
 from agent.node_down import NodeDownPublisher
 from agent.server import SpopServer
-from agent.workers import WorkerRole
+from agent.workers import WorkerRole, supervise
 
 log = logging.getLogger("mqtt_affinity")
 
@@ -292,8 +292,6 @@ def run(config_path: Path, worker: WorkerRole | None = None) -> int:
     is started with ``worker``, by the supervisor)."""
     config = load_config(config_path if worker is None else worker.start_config)
     if worker is None and config.workers > 1:
-        from agent.workers import supervise
-
         return supervise(config_path, config)
     setup_logging(config.log_level, config.log_format)
     if worker is not None:

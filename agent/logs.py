@@ -13,8 +13,9 @@ format emits those fields as top-level keys, the text format appends them
 as ``key=value``.
 
 With ``workers`` > 1 every record also says which process wrote it: :func:`set_process_fields`
-adds ``worker`` (the worker's index, or ``supervisor``) and ``pid`` to each line, in both
-formats. A single-process agent (``workers: 1``) logs exactly as before, without them.
+adds ``worker`` (the worker's index, always an integer) and ``pid`` to each line, in both
+formats; the supervisor's own lines carry ``process=supervisor`` instead of ``worker``. A
+single-process agent (``workers: 1``) logs exactly as before, without them.
 """
 
 from __future__ import annotations

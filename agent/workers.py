@@ -391,7 +391,7 @@ class Supervisor:
 def supervise(config_path: Path, config: Config) -> int:
     """``mqtt-affinity run`` with ``workers`` > 1."""
     setup_logging(config.log_level, config.log_format)
-    set_process_fields(worker="supervisor", pid=os.getpid())
+    set_process_fields(process="supervisor", pid=os.getpid())  # "worker" stays an integer field
     try:
         return asyncio.run(Supervisor(config, config_path).run())
     except OSError as exc:  # e.g. no private folder, or a worker process that cannot be started

@@ -124,7 +124,7 @@ def test_workers_spread_sum_reload_restart_and_stop(redis_server, brokers, tmp_w
         assert all(os.getpgid(p) == p for p in pids.values())  # own process groups: Ctrl-C goes to the supervisor
         assert _get(metrics, "/readyz") == (200, "ready: 2 workers\n")
         assert _get(metrics, "/healthz") == (200, "ok: 2 of 2 workers\n")
-        assert "worker=supervisor" in agent.stderr_text()
+        assert "process=supervisor" in agent.stderr_text()
 
         # -- new connections spread over both workers -------------------------------------------
         base = _value(_get(metrics, "/metrics")[1], "mqtt_affinity_spop_connections_opened_total")  # port probes
@@ -182,7 +182,7 @@ def test_workers_spread_sum_reload_restart_and_stop(redis_server, brokers, tmp_w
             assert _value(_worker_metrics(sock), "mqtt_affinity_node_weight", node="node2") == 7, i
         log = agent.stderr_text()
         assert re.search(r"reload: workers changed \(2 to 3\); it takes effect at the next restart .*"
-                         r"worker=supervisor", log), log
+                         r"process=supervisor", log), log
         assert log.count("reload: workers changed") == 1  # said once, by the supervisor
         assert log.count("reload: listen changed") == 2  # by each worker
         assert sorted(_workers(agent)) == [0, 1]
