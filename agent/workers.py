@@ -170,6 +170,7 @@ class Supervisor:
         package_root = str(Path(agent.__file__).resolve().parents[1])
         self._env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, self._env.get("PYTHONPATH")) if p)
         self._stopping = asyncio.Event()
+        self._started = False  # every worker answered once
         #: Counters and histograms of the workers that died (their last scrape), Prometheus text.
         self._retired = ""
 
@@ -193,6 +194,7 @@ class Supervisor:
             failed = await self._start_all()
             if failed is not None:
                 return failed
+            self._started = True
             log.info("workers: %d on spop %s:%d (pids %s), http %s", len(self.workers), *self.config.listen,
                      ",".join(str(w.pid) for w in self.workers),
                      f"{self.http.host}:{self.http.port}" if self.http else "off")
@@ -344,6 +346,8 @@ class Supervisor:
         """Ready when every worker is."""
         if self._stopping.is_set():
             return False, "draining: shutting down"
+        if not self._started:
+            return False, "starting the workers"
         answers = await asyncio.gather(*(self._ask(w, "/readyz") for w in self.workers))
         not_ready = [
             f"worker {w.index}: " + ("not running" if a is None else a[1].strip())

@@ -302,6 +302,8 @@ def test_workers_behind_haproxy(redis_server, brokers, tmp_workdir, haproxy_vers
     try:
         stack.start(balancers=1)
         agent, balancer = stack.agents["ha1"], stack.balancers[0]
+        assert agent.metrics_port is not None
+        wait_until(lambda: _get(agent.metrics_port or 0, "/readyz")[0] == 200, timeout=15)
         workers = _workers(agent)
         assert sorted(workers) == [0, 1]
         ids = [f"w-{haproxy_version}-{i}".encode() for i in range(30)]
