@@ -46,6 +46,7 @@ import logging
 import os
 import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -165,10 +166,14 @@ class Supervisor:
             host, port = config.metrics_listen
             self.http = HttpEndpoint(host, port, self.render_metrics, self.ready, healthy=self.healthy)
         self.restarts = 0
-        # The workers import the very agent package this supervisor runs (first on their path).
+        # The workers import the very agent package this supervisor runs: run from a source
+        # checkout, its folder goes first on their path (`python -m agent` would otherwise look
+        # in their working folder first). An installed package is found as it is.
         self._env = dict(os.environ)
         package_root = str(Path(agent.__file__).resolve().parents[1])
-        self._env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, self._env.get("PYTHONPATH")) if p)
+        installed = {str(Path(p).resolve()) for p in (*site.getsitepackages(), site.getusersitepackages())}
+        if package_root not in installed:
+            self._env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, self._env.get("PYTHONPATH")) if p)
         self._stopping = asyncio.Event()
         self._started = False  # every worker answered once
         #: Counters and histograms of the workers that died (their last scrape), Prometheus text.
