@@ -5,7 +5,8 @@ Redis, mosquitto and HAProxy 2.6 / 3.2 from the dev stack. What is checked: new 
 spread over the workers, the supervisor's /metrics is the sum of the workers' own (shared-state
 gauges taken once), SIGHUP reaches every worker, a SIGKILLed worker is started again while the
 port keeps answering, SIGTERM drains every worker and exits 0, ``workers: 1`` is the single
-process of before, and a taken port is one clear line and exit 1. No timing is asserted beyond
+process of before, a taken port is one clear line and exit 1, and a worker that dies as it starts
+stops the others (exit 1). No timing is asserted beyond
 generous waits, and nothing here measures how far N workers scale (this machine has 2 cores).
 """
 
