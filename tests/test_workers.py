@@ -6,7 +6,7 @@ spread over the workers, the supervisor's /metrics is the sum of the workers' ow
 gauges taken once), SIGHUP reaches every worker, a SIGKILLed worker is started again while the
 port keeps answering, SIGTERM drains every worker and exits 0, ``workers: 1`` is the single
 process of before, a taken port is one clear line and exit 1, and a worker that dies as it starts
-stops the others (exit 1). No timing is asserted beyond
+stops the others (exit 1), and workers whose supervisor is SIGKILLed stop by themselves. No timing is asserted beyond
 generous waits, and nothing here measures how far N workers scale (this machine has 2 cores).
 """
 
@@ -73,6 +73,8 @@ def _get(port: int, path: str) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except OSError as exc:  # not listening (yet, or any more)
+        return 0, str(exc)
 
 
 def _hello(port: int) -> socket.socket:
@@ -272,6 +274,28 @@ def test_a_taken_port_is_one_clear_line_and_exit_1(redis_server, tmp_workdir) ->
     assert re.search(rf"ERROR +mqtt_affinity.workers: cannot start: listen 127.0.0.1:{spop}: "
                      r"Address already in use", log), log
     assert "listening:" not in log  # no worker was started
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_dies(redis_server, tmp_workdir) -> None:
+    workdir = tmp_workdir("agent")
+    cfg, spop, metrics = _config(workdir, redis_server.url, [("node1", "127.0.0.1:1")], drain_period=30)
+    agent = AgentProcess(cfg, workdir=workdir, spop_port=spop, metrics_port=metrics).start()
+    try:
+        wait_until(lambda: _get(metrics, "/readyz")[0] == 200, timeout=15, message=agent.log_text)
+        pids = [pid for pid, _ in _workers(agent).values()]
+        assert len(pids) == 2
+        supervisor = agent.pid
+        agent.kill()  # SIGKILL: nothing is passed on
+        wait_until(lambda: not any(_alive(p) for p in pids), timeout=10, message=agent.log_text)
+        log = agent.stderr_text()
+        for pid in pids:  # without the 30 s drain: nobody would start them again
+            assert re.search(rf"the supervisor \(pid {supervisor}\) is gone: stopping "
+                             rf"worker=\d pid={pid}", log), log
+            assert re.search(rf"INFO +mqtt_affinity: stopped worker=\d pid={pid}", log), log
+        with socket.socket() as s:  # the port is free again
+            s.bind(("127.0.0.1", spop))
+    finally:
+        agent.stop()
 
 
 def test_a_worker_that_cannot_start_stops_the_others_and_exit_1(redis_server, tmp_workdir) -> None:
