@@ -12,6 +12,7 @@ in-flight NOTIFYs and says AGENT-DISCONNECT, before Redis is closed under it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -117,6 +118,8 @@ class App:
         self._orphan_watch: asyncio.Task[None] | None = None
         #: A worker started again after its config file was edited (see run()).
         self.reload_after_start = False
+        #: A worker whose supervisor died.
+        self.orphaned = False
 
     # -- readiness and metrics -------------------------------------------------
 
@@ -157,6 +160,13 @@ class App:
             log.info("stopping: finishing in-flight requests")
         finally:
             await self.stop()
+            if self.orphaned and self.worker is not None:
+                # The supervisor can no longer remove its private folder: the workers empty it.
+                for path in (self.worker.http_path, self.worker.start_config):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(self.worker.http_path))  # only once empty
         return 0
 
     async def drain(self) -> None:
@@ -183,6 +193,7 @@ class App:
             await asyncio.sleep(1.0)
             if os.getppid() != parent:
                 log.error("the supervisor (pid %d) is gone: stopping", parent)
+                self.orphaned = True
                 self.request_stop()
                 self.request_stop()  # and no drain: nobody restarts this one
                 return

@@ -284,6 +284,7 @@ def test_workers_stop_by_themselves_when_the_supervisor_dies(redis_server, tmp_w
         wait_until(lambda: _get(metrics, "/readyz")[0] == 200, timeout=15, message=agent.log_text)
         pids = [pid for pid, _ in _workers(agent).values()]
         assert len(pids) == 2
+        private = Path(next(iter(_workers(agent).values()))[1]).parent
         supervisor = agent.pid
         agent.kill()  # SIGKILL: nothing is passed on
         wait_until(lambda: not any(_alive(p) for p in pids), timeout=10, message=agent.log_text)
@@ -294,6 +295,7 @@ def test_workers_stop_by_themselves_when_the_supervisor_dies(redis_server, tmp_w
             assert re.search(rf"INFO +mqtt_affinity: stopped worker=\d pid={pid}", log), log
         with socket.socket() as s:  # the port is free again
             s.bind(("127.0.0.1", spop))
+        assert not private.exists()  # the workers emptied and removed the supervisor's folder
     finally:
         agent.stop()
 
