@@ -1,11 +1,12 @@
 """``workers`` > 1: a supervisor and N agent processes sharing one SPOP port.
 
-One asyncio process decides a few thousand CONNECTs per second on one core. A balancer host
-with spare cores can run ``workers: N``: ``mqtt-affinity run`` then starts this supervisor,
-which starts N workers, each ``mqtt-affinity run --worker-index I --worker-http PATH
---worker-config COPY`` (the normal agent, :class:`agent.app.App`, in a process of its own). Every worker binds the SPOP
-port and the agent-check port with SO_REUSEPORT, so the kernel spreads HAProxy's new
-connections over them; a connection stays with the worker that accepted it.
+One agent process is one asyncio event loop: it uses one core. A balancer host with spare cores
+can run ``workers: N``: ``mqtt-affinity run`` then starts this supervisor, which starts N
+workers, each ``python -m agent run --config FILE --worker-index I --worker-http SOCK
+--worker-config COPY`` (the normal agent, :class:`agent.app.App`, in a process of its own, with
+the interpreter and the agent package the supervisor runs). Every worker binds the SPOP port and
+the agent-check port with SO_REUSEPORT, so the kernel spreads HAProxy's new connections over
+them; a connection stays with the worker that accepted it.
 
 The supervisor owns ``metrics_listen``. Each worker serves its own HTTP endpoint on a unix
 socket in a private folder (mode 0700, removed at exit), and the supervisor asks them:
@@ -16,7 +17,8 @@ socket in a private folder (mode 0700, removed at exit), and the supervisor asks
   them. The counters of a worker that died are kept (its last scrape), so a sum never goes
   back when a worker is restarted. Plus ``mqtt_affinity_workers_running`` and
   ``mqtt_affinity_worker_restarts``.
-- ``/readyz``: 200 when every worker is ready; 503 names those that are not.
+- ``/readyz``: 200 when every worker is ready (and all have answered once since the start);
+  503 names those that are not.
 - ``/healthz``: 200 while the supervisor runs and at least one worker answers its own.
 
 Signals: SIGTERM and SIGINT are passed to every worker (each drains for ``drain_period``, then
@@ -24,8 +26,8 @@ stops as a single agent does; a second signal ends the drains) and the superviso
 all have: 0 when every worker stopped cleanly. SIGHUP: the supervisor re-reads the config (its
 log settings; ``workers`` itself is restart-only) and passes SIGHUP to every worker, each of
 which reloads as a single agent does. Workers run in their own process group (a terminal's
-Ctrl-C reaches the supervisor only, which passes it on once) and stop by themselves if the
-supervisor dies.
+Ctrl-C reaches the supervisor only, which passes it on once) and stop by themselves, without a
+drain, if the supervisor dies (then they also empty and remove its private folder).
 
 A worker that exits unexpectedly is started again after a back-off (0.5 s, doubling up to 30 s;
 back to 0.5 s once a worker has run for a minute). A worker that fails while the supervisor
