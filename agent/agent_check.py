@@ -97,8 +97,11 @@ class AgentCheckServer:
         *,
         observer: AgentCheckObserver | None = None,
         ready: Callable[[], bool] = lambda: True,
+        reuse_port: bool = False,
     ) -> None:
         self.host = host
+        #: SO_REUSEPORT, for ``workers`` > 1 (every worker answers the same port).
+        self.reuse_port = reuse_port
         self.port = port
         self._nodes = nodes
         self._overrides = overrides
@@ -108,7 +111,8 @@ class AgentCheckServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_LINE)
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_LINE,
+                                                  reuse_port=self.reuse_port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run the SPOE agent in the foreground")
     run.add_argument("--config", required=True, type=Path, help="agent YAML config")
+    # Set by the supervisor of `workers` > 1 for each worker it starts (agent/workers.py).
+    run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--worker-http", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
     admin.add_commands(sub)
     return parser
 
@@ -46,9 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         from agent.app import run
+        from agent.workers import WorkerRole
 
+        worker = None
+        role = (args.worker_index, args.worker_http, args.worker_config)
+        if any(v is not None for v in role):
+            if args.worker_index is None or args.worker_http is None or args.worker_config is None:
+                parser.error("--worker-index, --worker-http and --worker-config go together")
+            worker = WorkerRole(args.worker_index, args.worker_http, args.worker_config)
         try:
-            return run(args.config)
+            return run(args.config, worker)
         except ConfigError as exc:
             known = failure(exc)  # status 2, one line
             assert known is not None

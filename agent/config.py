@@ -136,6 +136,9 @@ class Config:
     #: so every HAProxy marks this agent DOWN and moves to another agent before it
     #: disconnects. 0 = no drain. See drain_period in README.md for how to size it.
     drain_period: float = 3.0
+    #: Agent processes sharing the SPOP and agent-check ports (SO_REUSEPORT), for balancer hosts
+    #: with spare cores; above 1 a supervisor runs them (agent/workers.py). Restart-only.
+    workers: int = 1
     health: HealthConfig = HealthConfig()
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
@@ -193,6 +196,7 @@ _TOP_KEYS = frozenset(
         "failover_journal",
         "hello_timeout",
         "drain_period",
+        "workers",
         "agent_check_listen",
         "haproxy_socket",
         "haproxy_backend",
@@ -464,6 +468,7 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         "redis_wait_replicas": (0, 16),
         "decision_batch": (1, 256),
         "cache_size": (0, 10_000_000),
+        "workers": (1, 64),
     }
     for key, (lo, hi) in int_fields.items():
         if key in data:

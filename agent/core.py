@@ -50,9 +50,10 @@ class Core:
         sweeper = Sweeper(store, breaker, holder=engine.agent_id, interval=lambda: engine.config.sweep_interval)
         return cls(store, breaker, refresher, engine, sweeper)
 
-    async def start(self) -> None:
+    async def start(self, *, sweep: bool = True) -> None:
         """Connect and learn who serves (so that a later failover is noticed), load the
-        overrides once (a dead Redis only opens the breaker), then keep them fresh."""
+        overrides once (a dead Redis only opens the breaker), then keep them fresh.
+        ``sweep``: also run the record sweep (worker 0 only, with ``workers`` > 1)."""
         try:
             async with asyncio.timeout(background_timeout(self.engine.config)):
                 await self.store.ping()
@@ -61,7 +62,8 @@ class Core:
         await self.refresher.start()
         if self.breaker.available:
             await self.store.keep_tracking()
-        await self.sweeper.start()
+        if sweep:
+            await self.sweeper.start()
 
     def reload(self, config: Config) -> None:
         self.refresher.reload(config)

@@ -3,11 +3,16 @@
 prometheus-client's own server runs in a thread; ours shares the event loop so
 readiness reads the live state without locks. It is deliberately small:
 GET only, headers capped, one request per connection, slow peers timed out.
+
+It listens on TCP (``host``, ``port``) or, with ``unix_path``, on a unix socket: each worker of
+a multi-process agent (``workers`` > 1, :mod:`agent.workers`) serves its own there, in a
+private folder, for the supervisor to scrape and ask.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -18,20 +23,34 @@ log = logging.getLogger("mqtt_affinity.http")
 MAX_HEADER_BYTES = 8192
 READ_TIMEOUT = 5.0
 
-Readiness = Callable[[], tuple[bool, str]]
+#: ``(ok, why)`` for /readyz or /healthz, computed at once or awaited (the supervisor of
+#: ``workers`` asks its workers).
+Readiness = Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]]
+
+
+def _alive() -> tuple[bool, str]:
+    return True, "ok"
 
 
 class HttpEndpoint:
+    """``ready`` answers /readyz; ``healthy`` /healthz (default: 200 while the process answers)."""
+
     def __init__(
-        self, host: str, port: int, render_metrics: Callable[[], Awaitable[bytes]], ready: Readiness
+        self, host: str, port: int, render_metrics: Callable[[], Awaitable[bytes]], ready: Readiness,
+        *, unix_path: str | None = None, healthy: Readiness = _alive,
     ) -> None:
         self.host = host
         self.port = port
+        self.unix_path = unix_path
         self._render = render_metrics
         self._ready = ready
+        self._healthy = healthy
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
+        if self.unix_path is not None:
+            self._server = await asyncio.start_unix_server(self._serve, self.unix_path, limit=MAX_HEADER_BYTES)
+            return
         self._server = await asyncio.start_server(
             self._serve, self.host, self.port, reuse_address=True, limit=MAX_HEADER_BYTES
         )
@@ -71,10 +90,9 @@ class HttpEndpoint:
         if target == b"/metrics":
             body = await self._render()
             await self._respond(writer, 200, body, CONTENT_TYPE_LATEST.encode(), head_only=head_only)
-        elif target == b"/healthz":
-            await self._respond(writer, 200, b"ok\n", head_only=head_only)
-        elif target == b"/readyz":
-            ok, why = self._ready()
+        elif target in (b"/healthz", b"/readyz"):
+            answer = (self._healthy if target == b"/healthz" else self._ready)()
+            ok, why = await answer if inspect.isawaitable(answer) else answer
             await self._respond(writer, 200 if ok else 503, (why + "\n").encode(), head_only=head_only)
         else:
             await self._respond(writer, 404, b"not found\n", head_only=head_only)

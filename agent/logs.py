@@ -11,6 +11,11 @@ interval carrying the number of repeats suppressed in between.
 Structured context is passed as ``extra={"fields": {...}}``; the JSON
 format emits those fields as top-level keys, the text format appends them
 as ``key=value``.
+
+With ``workers`` > 1 every record also says which process wrote it: :func:`set_process_fields`
+adds ``worker`` (the worker's index, always an integer) and ``pid`` to each line, in both
+formats; the supervisor's own lines carry ``process=supervisor`` instead of ``worker``. A
+single-process agent (``workers: 1``) logs exactly as before, without them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ __all__ = [
     "RateLimiter",
     "TextFormatter",
     "reset_rate_limits",
+    "set_process_fields",
     "setup_logging",
     "warn_limited",
 ]
@@ -51,9 +57,22 @@ def _timestamp(record: logging.LogRecord) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(record.msecs):03d}Z"
 
 
+#: Fields of every record of this process (see set_process_fields); empty in a single agent.
+_process_fields: dict[str, Any] = {}
+
+
+def set_process_fields(**fields: Any) -> None:
+    """Fields every record of this process carries from now on (``worker=1, pid=4242``)."""
+    _process_fields.clear()
+    _process_fields.update(fields)
+
+
 def _fields_of(record: logging.LogRecord) -> Mapping[str, Any]:
     fields = getattr(record, "fields", None)
-    return fields if isinstance(fields, Mapping) else {}
+    own = fields if isinstance(fields, Mapping) else {}
+    if _process_fields:
+        return {**_process_fields, **own}
+    return own
 
 
 class JsonFormatter(logging.Formatter):

@@ -10,18 +10,29 @@ becomes a label.
 Metrics that reflect state (node health, state, weight, sessions; Redis up; the cache) are
 not pushed by a loop either: :class:`StateCollector` and :class:`StoreCollector` read them
 when Prometheus scrapes.
+
+With ``workers`` > 1 each worker process renders its own numbers and the supervisor
+(:mod:`agent.workers`) serves one ``/metrics`` that merges them (:func:`merge_expositions`):
+counters and histograms (buckets, sum, count) are summed, series by series (same name, same
+labels); so are the gauges in :data:`PER_PROCESS_GAUGES`, which count something each process
+holds. Every other gauge describes state the workers share (a node's health, Redis, the
+records in Redis, this balancer's HAProxy): it is taken from the first worker, by index, that
+reports the series, never summed. A new gauge belongs in one of the two sets
+(``tests/test_workers.py`` checks that every gauge the agent renders is in one).
 """
 
 from __future__ import annotations
 
 import platform
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from agent import __version__
 from agent.affinity import FallbackCause
@@ -35,6 +46,68 @@ OTHER_NODE = "_other"
 AGENT_CHECK_STATES = (*(s.value for s in NodeState), "unknown")
 #: SPOP status codes are 0-13; anything else is counted as 99.
 _STATUS_OTHER = 99
+
+
+#: Gauges that count something each agent process holds: summed over ``workers``.
+PER_PROCESS_GAUGES = frozenset({
+    "mqtt_affinity_spop_connections",  # each worker's own SPOP connections
+    "mqtt_affinity_cache_entries",  # each worker keeps its own local cache
+})
+#: Gauges that describe state every worker shares (or only worker 0 reads): never summed, taken
+#: from the first worker (by index) that reports the series.
+SHARED_GAUGES = frozenset({
+    "mqtt_affinity_build_info",
+    "mqtt_affinity_node_up",
+    "mqtt_affinity_node_state",
+    "mqtt_affinity_node_weight",
+    "mqtt_affinity_node_sessions",
+    "mqtt_affinity_sessions_counted_timestamp_seconds",
+    "mqtt_affinity_node_connections",
+    "mqtt_affinity_redis_up",
+    "mqtt_affinity_cache_enabled",
+})
+#: Metric types whose series are summed over workers.
+SUMMED_TYPES = frozenset({"counter", "histogram", "summary"})
+
+
+def merge_expositions(texts: Sequence[str]) -> list[Metric]:
+    """The metric families of several processes' ``/metrics`` bodies (Prometheus text format),
+    in worker order, as one set: see the module docstring for what is summed. Families and
+    series keep the order in which they first appear."""
+    families: dict[str, Metric] = {}
+    series: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], Sample]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            summed = fam.type in SUMMED_TYPES or (fam.type == "gauge" and fam.name in PER_PROCESS_GAUGES)
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                series[fam.name] = {}
+            known = series[fam.name]
+            for sample in fam.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                first = known.get(key)
+                if first is None:
+                    known[key] = sample
+                elif summed:
+                    known[key] = first._replace(value=first.value + sample.value)
+    for name, fam in families.items():
+        fam.samples = list(series[name].values())
+    return list(families.values())
+
+
+class _Fixed(Collector):
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def render_families(families: Iterable[Metric]) -> bytes:
+    """Prometheus text exposition of ready-made families (the supervisor's merged ``/metrics``)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(families))
+    return generate_latest(registry)
 
 
 class Latency:

@@ -483,8 +483,12 @@ class SpopServer:
         hello_timeout: float | None = 5.0,
         observer: ServerObserver | None = None,
         backlog: int = 1024,
+        reuse_port: bool = False,
     ) -> None:
         self.dispatcher = dispatcher
+        #: SO_REUSEPORT: several agent processes (``workers``) listen on one port, and the
+        #: kernel spreads new connections over them.
+        self.reuse_port = reuse_port
         self.host = host
         self.port = port
         self.max_in_flight = max_in_flight
@@ -527,7 +531,8 @@ class SpopServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _SpopProtocol(self), self.host, self.port, reuse_address=True, backlog=self.backlog
+            lambda: _SpopProtocol(self), self.host, self.port, reuse_address=True, backlog=self.backlog,
+            reuse_port=self.reuse_port,
         )
         if self.port == 0:
             self.port = self.sockets[0][1]

@@ -216,6 +216,10 @@ def test_bad_redis_url_error_does_not_leak_password() -> None:
         (cfg_with(hello_timeout="5s"), "hello_timeout", "number"),
         (cfg_with(drain_period=-1), "drain_period", "at least 0"),
         (cfg_with(drain_period=601), "drain_period", "at most 600"),
+        (cfg_with(workers=0), "workers", "between 1 and 64"),
+        (cfg_with(workers=65), "workers", "between 1 and 64"),
+        (cfg_with(workers="2"), "workers", "integer"),
+        (cfg_with(workers=True), "workers", "integer"),
         (cfg_with(health="tcp"), "health", "mapping"),
         (cfg_with(health={"check": "http"}), "health.check", "'tcp' or 'mqtt'"),
         (cfg_with(health={"interval": 0}), "health.interval", "at least"),
@@ -235,6 +239,12 @@ def test_invalid_values_name_their_key(data: object, key: str, fragment: str) ->
     assert fragment in err.problem
     assert str(err) == f"{key}: {err.problem}"
     assert "\n" not in str(err)
+
+
+def test_workers_defaults_to_one_and_accepts_up_to_64() -> None:
+    assert parse_config(MINIMAL).workers == 1
+    assert parse_config(cfg_with(workers=4)).workers == 4
+    assert parse_config(cfg_with(workers=64)).workers == 64
 
 
 def test_duplicate_node_name() -> None:

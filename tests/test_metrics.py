@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client.parser import text_string_to_metric_families
+import platform
 
+from prometheus_client.parser import text_string_to_metric_families
+from pytest import approx
+
+from agent import __version__
 from agent.affinity import FallbackCause
 from agent.metrics import (
     LATENCY_BUCKETS,
@@ -11,9 +15,13 @@ from agent.metrics import (
     Latency,
     Metrics,
     SpopMetricsObserver,
+    StateCollector,
     StoreCollector,
+    merge_expositions,
+    render_families,
 )
-from agent.model import How
+from agent.model import How, NodeState
+from agent.rules import NodeView
 
 
 def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -124,3 +132,40 @@ def test_store_collector_reads_the_store_at_scrape_time() -> None:
     s = samples(m)
     assert s[("mqtt_affinity_cache_hits_total", ())] == 8
     assert s[("mqtt_affinity_cache_enabled", ())] == 0
+
+
+def _parsed(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+
+
+def test_merged_workers_sum_counters_histograms_and_per_process_gauges_only() -> None:
+    """``workers`` > 1: the supervisor's /metrics adds the workers' own numbers up, except the
+    gauges of shared state, which are the first worker's."""
+
+    workers = []
+    for i, (up, sessions) in enumerate(((True, 5), (False, 9))):
+        m = Metrics()
+        m.bind_nodes(["n1"])
+        view = NodeView(name="n1", configured_weight=1.0, weight_override=None, state=NodeState.ACTIVE,
+                        healthy=up, effective_weight=1.0)
+        m.registry.register(StateCollector(lambda v=view: [v], lambda: True, lambda s=sessions: ({"n1": s}, None)))
+        obs = SpopMetricsObserver(m)
+        for _ in range(i + 1):
+            obs.connection_opened()
+            m.record_decision(How.PINNED, "n1", 0.001 * (i + 1), None)
+        m.disconnect("agent", 3 + i)  # a label set only one worker has
+        workers.append(m.render().decode())
+    merged = _parsed(render_families(merge_expositions(workers)))
+    assert merged[("mqtt_affinity_decisions_total", (("how", "pinned"),))] == 3
+    assert merged[("mqtt_affinity_spop_connections", ())] == 3  # per process: summed
+    assert merged[("mqtt_affinity_decision_seconds_count", ())] == 3
+    assert merged[("mqtt_affinity_decision_seconds_bucket", (("le", "+Inf"),))] == 3
+    assert merged[("mqtt_affinity_decision_seconds_sum", ())] == approx(0.001 + 2 * 0.002)
+    assert merged[("mqtt_affinity_spop_disconnects_total", (("side", "agent"), ("status", "3")))] == 1
+    assert merged[("mqtt_affinity_spop_disconnects_total", (("side", "agent"), ("status", "4")))] == 1
+    # Shared state: worker 0's, not a sum.
+    assert merged[("mqtt_affinity_node_up", (("node", "n1"),))] == 1
+    assert merged[("mqtt_affinity_node_sessions", (("node", "n1"),))] == 5
+    assert merged[("mqtt_affinity_redis_up", ())] == 1
+    assert merged[("mqtt_affinity_build_info", (("python", platform.python_version()), ("version", __version__)))] == 1
