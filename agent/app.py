@@ -294,17 +294,21 @@ def _tune_gc() -> None:
 
 
 def loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
-    """The event loop for ``event_loop`` (config): asyncio's (the default) or uvloop.
+    """The event loop for ``event_loop`` (config): uvloop when installed, unless "asyncio".
 
     Why uvloop: HAProxy sends a storm's NOTIFYs one or two at a time, so each pays a whole
-    wakeup of the loop, and libuv's costs less than asyncio's (measured: the agent's CPU per
-    CONNECT through HAProxy 2.6 at 50 clients 94 -> 68 us, README Performance). Not the default
-    yet: with it two scenario tests turned flaky (a worker restarted under SO_REUSEPORT, a burst
-    of 1,000 simultaneous CONNECTs), causes not found; see event_loop in README.md."""
-    if choice == "uvloop":
-        import uvloop  # load_config checked that it is installed
-
-        return uvloop.new_event_loop, "uvloop"
+    wakeup of the loop; libuv's costs a fraction of asyncio's (measured: the agent's CPU per
+    CONNECT through HAProxy 2.6 at 50 clients 94 -> 68 us, README Performance). Everything the
+    agent uses (BufferedProtocol, signal handlers, timers, TLS, unix sockets, SO_REUSEPORT)
+    behaves the same on both; the suite runs on uvloop, and on asyncio where it asks for it."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":  # load_config checked it is installed; gone since
+                raise
+        else:
+            return uvloop.new_event_loop, "uvloop"
     return None, "asyncio"
 
 

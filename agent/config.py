@@ -143,9 +143,9 @@ class Config:
     health: HealthConfig = HealthConfig()
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
-    #: The event loop: asyncio's own, or uvloop (libuv), which cuts the agent's CPU per CONNECT
-    #: (README, Performance) but is not the default yet: see event_loop in README.md.
-    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    #: The event loop: uvloop (libuv) when installed ("auto"), or asyncio's own. uvloop cuts the
+    #: agent's CPU per CONNECT (README, Performance); "asyncio" is there to rule it out.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
     @cached_property
     def _by_name(self) -> dict[str, NodeConfig]:
@@ -173,7 +173,7 @@ _HOSTNAME_RE = re.compile(
     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
 )
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-EVENT_LOOPS = ("asyncio", "uvloop")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 # HAProxy proxy names: letters, digits, '-', '_', '.', ':'.
 _PROXY_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -513,7 +513,7 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         if choice not in EVENT_LOOPS:
             raise ConfigError("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, got {choice!r}")
         if choice == "uvloop" and importlib.util.find_spec("uvloop") is None:
-            raise ConfigError("event_loop", "uvloop is not installed (pip install uvloop, or event_loop: asyncio)")
+            raise ConfigError("event_loop", "uvloop is not installed (pip install uvloop, or event_loop: auto)")
         kw["event_loop"] = choice
     return Config(**kw)
 

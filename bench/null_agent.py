@@ -4,8 +4,7 @@
 with a dispatcher that answers every message with the same two set-vars, ``node`` = a fixed
 node and ``how`` = "hit": no parsing of the CONNECT fields, no decision, no Redis, no
 metrics, no health checks. With ``--node node1,node2,node3`` the node is picked by a hash of
-the client id, so the clients spread over the brokers (still sticky). It runs on the event loop
-the agent runs on by default (asyncio; ``--event-loop uvloop`` as ``event_loop: uvloop``). What it costs over the
+the client id, so the clients spread over the brokers (still sticky). What it costs over the
 C floor (``bench/floor_spoa.c``) is the price of Python + asyncio + the codec; what the real
 agent costs over it is the decision.
 
@@ -27,8 +26,6 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from agent.app import loop_factory
-from agent.config import EVENT_LOOPS
 from agent.model import DEFAULT_MAX_FRAME_SIZE
 from agent.server import SpopServer
 from agent.spop import Action, Message, Scope, SetVar
@@ -81,15 +78,10 @@ def main() -> None:
                          "the client id")
     ap.add_argument("--max-in-flight", type=int, default=64, help="as the agent's max_in_flight (default 64)")
     ap.add_argument("--cpu", type=int, default=None, help="pin to this CPU")
-    ap.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio",
-                    help="as the agent's event_loop (default asyncio, the agent's default)")
     args = ap.parse_args()
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    factory, name = loop_factory(args.event_loop)
-    print(f"event loop: {name}", flush=True)
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(serve(args.host, args.port, args.node, args.max_in_flight))
+    asyncio.run(serve(args.host, args.port, args.node, args.max_in_flight))
 
 
 if __name__ == "__main__":
