@@ -18,7 +18,6 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 from agent.agent_check import AgentCheckServer
@@ -41,7 +40,6 @@ log = logging.getLogger("mqtt_affinity")
 RESTART_ONLY = (
     "listen", "metrics_listen", "redis_url", "key_prefix", "redis_pool_size", "max_frame_size",
     "max_in_flight", "max_connections", "health", "agent_check_listen", "haproxy_socket", "workers",
-    "event_loop",
 )  # hello_timeout applies to connections opened after a reload; drain_period is read at SIGTERM
 
 
@@ -293,25 +291,6 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
 
 
-def loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
-    """The event loop for ``event_loop`` (config): uvloop when installed, unless "asyncio".
-
-    Why uvloop: HAProxy sends a storm's NOTIFYs one or two at a time, so each pays a whole
-    wakeup of the loop; libuv's costs a fraction of asyncio's (measured: the agent's CPU per
-    CONNECT through HAProxy 2.6 at 50 clients 94 -> 68 us, README Performance). Everything the
-    agent uses (BufferedProtocol, signal handlers, timers, TLS, unix sockets, SO_REUSEPORT)
-    behaves the same on both; the suite runs on uvloop, and on asyncio where it asks for it."""
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":  # load_config checked it is installed; gone since
-                raise
-        else:
-            return uvloop.new_event_loop, "uvloop"
-    return None, "asyncio"
-
-
 def _text(path: str | os.PathLike[str]) -> bytes | None:
     try:
         return Path(path).read_bytes()
@@ -333,11 +312,8 @@ def run(config_path: Path, worker: WorkerRole | None = None) -> int:
         # Started again after the file was edited: what a SIGHUP would apply, applies once it
         # runs (the restart-only keys stay those of the other workers).
         app.reload_after_start = True
-    factory, name = loop_factory(config.event_loop)
-    log.info("event loop: %s", name)
     try:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(app.run())
+        return asyncio.run(app.run())
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return ExitCode.NOT_FOUND

@@ -23,7 +23,6 @@ YAML shape (see ``config/agent.yaml`` for an annotated example)::
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import math
 import os
@@ -143,9 +142,6 @@ class Config:
     health: HealthConfig = HealthConfig()
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
-    #: The event loop: uvloop (libuv) when installed ("auto"), or asyncio's own. uvloop cuts the
-    #: agent's CPU per CONNECT (README, Performance); "asyncio" is there to rule it out.
-    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
     @cached_property
     def _by_name(self) -> dict[str, NodeConfig]:
@@ -173,7 +169,6 @@ _HOSTNAME_RE = re.compile(
     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
 )
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 # HAProxy proxy names: letters, digits, '-', '_', '.', ':'.
 _PROXY_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -208,7 +203,6 @@ _TOP_KEYS = frozenset(
         "health",
         "log_level",
         "log_format",
-        "event_loop",
     }
 )
 _NODE_KEYS = frozenset({"name", "address", "weight"})
@@ -508,13 +502,6 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         if fmt not in ("text", "json"):
             raise ConfigError("log_format", f"must be 'text' or 'json', got {fmt!r}")
         kw["log_format"] = fmt
-    if "event_loop" in data:
-        choice = data["event_loop"]
-        if choice not in EVENT_LOOPS:
-            raise ConfigError("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, got {choice!r}")
-        if choice == "uvloop" and importlib.util.find_spec("uvloop") is None:
-            raise ConfigError("event_loop", "uvloop is not installed (pip install uvloop, or event_loop: auto)")
-        kw["event_loop"] = choice
     return Config(**kw)
 
 

@@ -63,9 +63,6 @@ def test_minimal_config_gets_defaults() -> None:
     assert cfg.health == HealthConfig()
     assert cfg.redis_timeout == 0.25
     assert cfg.log_level == "info" and cfg.log_format == "text"
-    assert cfg.event_loop == "auto"
-    assert parse_config(cfg_with(event_loop="asyncio")).event_loop == "asyncio"
-    assert parse_config(cfg_with(event_loop="uvloop")).event_loop == "uvloop"  # installed with the project
 
 
 def test_config_is_frozen_and_node_lookup() -> None:
@@ -232,7 +229,6 @@ def test_bad_redis_url_error_does_not_leak_password() -> None:
         (cfg_with(health={"fall": 101}), "health.fall", "between 1"),
         (cfg_with(log_level="trace"), "log_level", "debug, info, warning, error"),
         (cfg_with(log_format="xml"), "log_format", "'text' or 'json'"),
-        (cfg_with(event_loop="trio"), "event_loop", "auto, uvloop, asyncio"),
         ([1, 2], "<config>", "mapping"),
         (None, "<config>", "empty"),
     ],
