@@ -111,11 +111,16 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()
 
 
-def test_workers_spread_sum_reload_restart_and_stop(redis_server, brokers, tmp_workdir) -> None:
+def _start(redis_server, brokers, tmp_workdir, **overrides: object) -> tuple[AgentProcess, Path, int, int]:
+    """An agent on the three brokers (``workers: 2`` unless overridden): (agent, config, spop, metrics)."""
     nodes = [(f"node{i}", b.addr) for i, b in enumerate(brokers, 1)]
     workdir = tmp_workdir("agent")
-    cfg, spop, metrics = _config(workdir, redis_server.url, nodes, drain_period=1)
-    agent = AgentProcess(cfg, workdir=workdir, spop_port=spop, metrics_port=metrics).start()
+    cfg, spop, metrics = _config(workdir, redis_server.url, nodes, **overrides)
+    return AgentProcess(cfg, workdir=workdir, spop_port=spop, metrics_port=metrics).start(), cfg, spop, metrics
+
+
+def test_workers_spread_sum_reload_restart_and_stop(redis_server, brokers, tmp_workdir) -> None:
+    agent, cfg, spop, metrics = _start(redis_server, brokers, tmp_workdir, drain_period=1)
     try:
         agent.wait_listening()
         wait_until(lambda: _get(metrics, "/readyz")[0] == 200, timeout=15,
@@ -241,10 +246,7 @@ def _samples_of(fam) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_one_worker_is_the_single_process_of_before(redis_server, brokers, tmp_workdir) -> None:
-    nodes = [(f"node{i}", b.addr) for i, b in enumerate(brokers, 1)]
-    workdir = tmp_workdir("agent")
-    cfg, spop, metrics = _config(workdir, redis_server.url, nodes, workers=1)
-    agent = AgentProcess(cfg, workdir=workdir, spop_port=spop, metrics_port=metrics).start()
+    agent, _, spop, metrics = _start(redis_server, brokers, tmp_workdir, workers=1)
     try:
         agent.wait_listening()
         _hello(spop).close()
