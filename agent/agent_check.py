@@ -40,6 +40,7 @@ from agent.config import NodeConfig
 from agent.logs import warn_limited
 from agent.model import NodeState
 from agent.rules import NodeOverrides
+from agent.streams import close_writer
 
 __all__ = ["AgentCheckObserver", "AgentCheckServer", "percent", "reply"]
 
@@ -150,8 +151,4 @@ class AgentCheckServer:
         except OSError:
             pass  # HAProxy gave up (agent-inter/timeout): nothing to say
         finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
+            await close_writer(writer)

@@ -19,6 +19,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from agent.streams import close_writer
+
 __all__ = ["RuntimeAPI", "RuntimeAPIError", "Stream", "parse_sessions", "parse_stat"]
 
 #: Bytes read at most per answer: ``show sess`` for a few hundred thousand streams.
@@ -102,11 +104,7 @@ class RuntimeAPI:
                         if total > MAX_ANSWER:
                             raise RuntimeAPIError(f"{self!r}: answer to {line[:40]!r} over {MAX_ANSWER} bytes")
                 finally:
-                    writer.close()
-                    try:
-                        await writer.wait_closed()
-                    except OSError:
-                        pass
+                    await close_writer(writer)
         except TimeoutError:
             raise RuntimeAPIError(f"{self!r}: no answer within {self.timeout:g}s to {line[:40]!r}") from None
         except OSError as exc:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 from agent.config import HealthConfig, NodeConfig
 from agent.logs import warn_limited
+from agent.streams import close_writer
 
 __all__ = [
     "HealthMonitor",
@@ -51,13 +52,6 @@ def default_probe_client_id() -> bytes:
     return f"mqtt-affinity-probe-{socket.gethostname()}-{os.getpid()}".encode()
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass  # the peer may already have reset; the probe verdict is made
-
 
 async def probe_tcp(host: str, port: int, timeout: float) -> None:
     """Succeed if a TCP connection to ``host:port`` opens within ``timeout`` seconds.
@@ -68,7 +62,7 @@ async def probe_tcp(host: str, port: int, timeout: float) -> None:
     try:
         async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection(host, port)
-            await _close(writer)
+            await close_writer(writer)
     except TimeoutError:
         raise ProbeError(f"timeout after {timeout:g}s") from None
 
@@ -125,7 +119,7 @@ async def probe_mqtt(host: str, port: int, timeout: float, client_id: bytes) -> 
                 except OSError:
                     pass  # brokers close at once after a refusing CONNACK
             finally:
-                await _close(writer)
+                await close_writer(writer)
     except TimeoutError:
         raise ProbeError(f"timeout after {timeout:g}s") from None
 
