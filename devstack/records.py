@@ -14,7 +14,7 @@ import redis as redis_py
 from agent.model import DEFAULT_PREFIX, NEVER, Keys, OwnerRecord, PinRecord
 from agent.store import parse_layout
 
-__all__ = ["delete_pin", "keys", "owner", "owners", "pin", "write_owner", "write_pin"]
+__all__ = ["delete_pin", "keys", "owner", "owners", "pin", "pin_first_and_drain", "write_owner", "write_pin"]
 
 
 def _b(cid: bytes | str) -> bytes:
@@ -72,3 +72,16 @@ def write_owner(r: redis_py.Redis, cid: bytes | str, node: str, *, placed_at: in
     c, now = _b(cid), int(time.time())
     rec = OwnerRecord(node, now + ttl if ttl else NEVER, placed_at if placed_at is not None else now, by)
     r.hset(keys(r, prefix).client(c)[0], c, rec.encode())
+
+
+def pin_first_and_drain(r: redis_py.Redis, ids: list[str], drained: str, nodes: Iterable[str], *,
+                        reason: str = "") -> dict[str, str | None]:
+    """Operator changes to check across a failover: the first of ``ids`` pinned to a node that is
+    neither its owner nor ``drained``, and ``drained`` set to drain. Returns where each id must
+    land from now on (its owner, the first one its pin)."""
+    expected = owners(r, ids)
+    target = next(n for n in nodes if n not in (expected[ids[0]], drained))
+    write_pin(r, ids[0], target, reason=reason)
+    r.hset(keys(r).node_state, drained, "drain")
+    expected[ids[0]] = target
+    return expected

@@ -113,11 +113,7 @@ def test_a_primary_killed_under_load(cluster: RedisClusterGroup, stack: Stack) -
     assert set(asyncio.run(connect_many(ports[0], [c.encode() for c in ids], version=4, clean=False))) == {0}
     pinned, drained = ids[0], "node3"
     with stack.r as r:
-        before = records.owners(r, ids)
-        target = next(n for n in NODES if n not in (before[pinned], drained))
-        records.write_pin(r, pinned, target, reason="before the kill")
-        r.hset(b"mqtt-affinity:node-state", drained, "drain")
-    before[pinned] = target
+        before = records.pin_first_and_drain(r, ids, drained, NODES, reason="before the kill")
     time.sleep(1.5)  # replicated, and read by the agents (state_refresh)
     # The primary serving the pinned client's slot, so the kill matters to a record we check.
     with stack.r as r:

@@ -45,13 +45,9 @@ def test_primary_killed_during_a_storm(group: SentinelGroup, tmp_path_factory: p
         ids = [f"sent-{i:03d}" for i in range(IDS)]
         # Placed before the kill, and replicated: these records must all survive it.
         assert set(asyncio.run(connect_many(ports[0], [c.encode() for c in ids], version=4, clean=False))) == {0}
-        pinned, drained = ids[0], "node3"
+        drained = "node3"
         with stack.r as r:
-            before = records.owners(r, ids)
-            target = next(n for n in NODES if n not in (before[pinned], drained))
-            records.write_pin(r, pinned, target, reason="before the kill")
-            r.hset(b"mqtt-affinity:node-state", drained, "drain")
-        before[pinned] = target
+            before = records.pin_first_and_drain(r, ids, drained, NODES, reason="before the kill")
         wait_until(group.replicas_in_sync, timeout=10, message="replica never caught up")
         time.sleep(1.0)  # the agents read the drain (state_refresh)
 
