@@ -86,54 +86,41 @@ def _be(servers: str, extra: str = "", connect: str = "1s") -> str:
 
 CHK = "check inter 1s fall 2 rise 2"
 OBS = "observe layer4 error-limit 1 on-error mark-down"
+REDISPATCH = "    retries 1\n    option redispatch 1\n"
+NO_DRAIN = {"drain_period": 0}
+
+
+def _servers(opts: str = "", peer: str = "backup") -> str:
+    """The two agent servers: this balancer's own, then the peer's (``peer``: backup or a weight)."""
+    own = "weight 100" if peer == "weight 1" else ""
+    return (f'    server spoa1 "${{SPOA_ADDR}}" {" ".join(x for x in (CHK, opts, own) if x)}\n'
+            f'    server spoa2 "${{SPOA_PEER_ADDR}}" {" ".join(x for x in (CHK, opts, peer) if x)}\n')
+
+
+BACKUP_OBS = _servers(OBS)
+WEIGHTS_OBS = _servers(OBS, peer="weight 1")
 
 VARIANTS = {v.name: v for v in [
     Variant("single", "one agent per balancer (main before this work)",
-            _be(f'    server spoa1 "${{SPOA_ADDR}}" {CHK}\n'), ONE_CALL, False, {"drain_period": 0}),
-    Variant("backup", "+ the peer's agent as backup",
-            _be(f'    server spoa1 "${{SPOA_ADDR}}" {CHK}\n    server spoa2 "${{SPOA_PEER_ADDR}}" {CHK} backup\n'),
-            ONE_CALL, False, {"drain_period": 0}),
+            _be(f'    server spoa1 "${{SPOA_ADDR}}" {CHK}\n'), ONE_CALL, False, NO_DRAIN),
+    Variant("backup", "+ the peer's agent as backup", _be(_servers()), ONE_CALL, False, NO_DRAIN),
     Variant("backup+observe", "+ observe layer4 mark-down, retries 1 + redispatch",
-            _be(f'    server spoa1 "${{SPOA_ADDR}}" {CHK} {OBS}\n'
-                f'    server spoa2 "${{SPOA_PEER_ADDR}}" {CHK} {OBS} backup\n',
-                "    retries 1\n    option redispatch 1\n"),
-            ONE_CALL, False, {"drain_period": 0}),
+            _be(BACKUP_OBS, REDISPATCH), ONE_CALL, False, NO_DRAIN),
     Variant("backup+observe+conn100", "as backup+observe, timeout connect 100ms",
-            _be(f'    server spoa1 "${{SPOA_ADDR}}" {CHK} {OBS}\n'
-                f'    server spoa2 "${{SPOA_PEER_ADDR}}" {CHK} {OBS} backup\n',
-                "    retries 1\n    option redispatch 1\n", connect="100ms"),
-            ONE_CALL, False, {"drain_period": 0}),
+            _be(BACKUP_OBS, REDISPATCH, connect="100ms"), ONE_CALL, False, NO_DRAIN),
     Variant("backup+observe+retry", "as backup+observe+conn100, + a second agent call after an SPOE error",
-            _be(f'    server spoa1 "${{SPOA_ADDR}}" {CHK} {OBS}\n'
-                f'    server spoa2 "${{SPOA_PEER_ADDR}}" {CHK} {OBS} backup\n',
-                "    retries 1\n    option redispatch 1\n", connect="100ms"),
-            RETRY_CALL, True, {"drain_period": 0}),
+            _be(BACKUP_OBS, REDISPATCH, connect="100ms"), RETRY_CALL, True, NO_DRAIN),
     Variant("retries0+retry", "backup + observe, retries 0, a second agent call after an SPOE error",
-            _be(f'    server spoa1 "${{SPOA_ADDR}}" {CHK} {OBS}\n'
-                f'    server spoa2 "${{SPOA_PEER_ADDR}}" {CHK} {OBS} backup\n',
-                "    retries 0\n"),
-            RETRY_CALL, True, {"drain_period": 0}),
+            _be(BACKUP_OBS, "    retries 0\n"), RETRY_CALL, True, NO_DRAIN),
     Variant("weights+retry", "as backup+observe+retry with weights 100/1 instead of backup",
-            _be(f'    server spoa1 "${{SPOA_ADDR}}" {CHK} {OBS} weight 100\n'
-                f'    server spoa2 "${{SPOA_PEER_ADDR}}" {CHK} {OBS} weight 1\n',
-                "    retries 1\n    option redispatch 1\n", connect="100ms"),
-            RETRY_CALL, True, {"drain_period": 0}),
+            _be(WEIGHTS_OBS, REDISPATCH, connect="100ms"), RETRY_CALL, True, NO_DRAIN),
     Variant("backup+observe+retry2", "as backup+observe+retry, up to two more agent calls",
-            _be(f'    server spoa1 "${{SPOA_ADDR}}" {CHK} {OBS}\n'
-                f'    server spoa2 "${{SPOA_PEER_ADDR}}" {CHK} {OBS} backup\n',
-                "    retries 1\n    option redispatch 1\n", connect="100ms"),
-            RETRY2_CALL, True, {"drain_period": 0}),
+            _be(BACKUP_OBS, REDISPATCH, connect="100ms"), RETRY2_CALL, True, NO_DRAIN),
     Variant("weights+retry2", "as weights+retry, up to two more agent calls",
-            _be(f'    server spoa1 "${{SPOA_ADDR}}" {CHK} {OBS} weight 100\n'
-                f'    server spoa2 "${{SPOA_PEER_ADDR}}" {CHK} {OBS} weight 1\n',
-                "    retries 1\n    option redispatch 1\n", connect="100ms"),
-            RETRY2_CALL, True, {"drain_period": 0}),
+            _be(WEIGHTS_OBS, REDISPATCH, connect="100ms"), RETRY2_CALL, True, NO_DRAIN),
     Variant("retries0+retry2", "as backup+observe+retry2 with retries 0 (timeout connect 1s): shipped, "
             "except that both calls asked again go through be_spoa (own agent first)",
-            _be(f'    server spoa1 "${{SPOA_ADDR}}" {CHK} {OBS}\n'
-                f'    server spoa2 "${{SPOA_PEER_ADDR}}" {CHK} {OBS} backup\n',
-                "    retries 0\n"),
-            RETRY2_CALL, True, {"drain_period": 0}),
+            _be(BACKUP_OBS, "    retries 0\n"), RETRY2_CALL, True, NO_DRAIN),
     Variant("shipped", "haproxy/haproxy.cfg and spoe-mqtt.conf as they are (retries0+retry2, the first call "
             "asked again through be_spoa_peer: peer agent first, also after a timeout; timeout check 250ms), "
             "agents' default drain_period",
