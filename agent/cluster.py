@@ -134,6 +134,16 @@ class ClusterPipe:
         except Exception as exc:  # the breaker's probe tries again
             log.debug("cluster slot refresh failed: %s", exc)
 
+    def _moved(self, rest: str) -> Address:
+        """``MOVED <slot> <host:port>``: the slot lives there now (fixed at once, a full slot
+        refresh follows); the new address."""
+        moved_slot, target = rest.split()
+        addr = self._slots[int(moved_slot)] = _address(target)
+        if self._primaries is not None and addr not in self._primaries:
+            self._primaries = self._primaries | {addr}
+        self._refresh_soon()
+        return addr
+
     # -- the PipelinedRedis interface ------------------------------------------------------
 
     async def connect(self) -> None:
@@ -171,11 +181,7 @@ class ClusterPipe:
             except RedisReplyError as exc:
                 word, _, rest = str(exc).partition(" ")
                 if word == "MOVED":
-                    moved_slot, target = rest.split()
-                    addr = self._slots[int(moved_slot)] = _address(target)
-                    if self._primaries is not None and addr not in self._primaries:
-                        self._primaries = self._primaries | {addr}
-                    self._refresh_soon()
+                    addr = self._moved(rest)
                     continue
                 if word == "ASK":
                     target_pipe = self._pipe(_address(rest.split()[1]))
@@ -213,11 +219,7 @@ class ClusterPipe:
             if isinstance(exc, RedisReplyError) and redirects < MAX_REDIRECTS:
                 word, _, rest = str(exc).partition(" ")
                 if word == "MOVED":
-                    moved_slot, target = rest.split()
-                    new = self._slots[int(moved_slot)] = _address(target)
-                    if self._primaries is not None and new not in self._primaries:
-                        self._primaries = self._primaries | {new}
-                    self._refresh_soon()
+                    self._moved(rest)
                     self.submit(data, callback, timeout, key, redirects + 1)
                     return
                 if word == "ASK":
