@@ -102,6 +102,35 @@ def test_every_cli_command_works_on_a_cluster(stack: Stack) -> None:
     assert res.returncode == 0 and "moved 0 owner records" in res.stdout, res.stdout
 
 
+def test_moved_is_followed_by_the_decision_connection(cluster: RedisClusterGroup) -> None:
+    """A slot map that names the wrong primary (as after a resharding): MOVED is followed, on the
+    awaited path and on the hot path's callbacks, and the map is fixed at once."""
+    from agent.cluster import ClusterPipe
+    from agent.endpoint import RedisEndpoint
+    from agent.redis_pipe import encode_command
+
+    async def go() -> None:
+        pipe = ClusterPipe(RedisEndpoint.parse(cluster.url))
+        try:
+            await pipe.connect()
+            key = b"moved-test"
+            slot = key_slot(key)
+            right = pipe._slots[slot]
+            wrong = next(a for a in pipe.primaries if a != right)
+            pipe._slots[slot] = wrong
+            assert await pipe.execute("SET", key, "v1", key=key, timeout=2) == b"OK"
+            assert pipe._slots[slot] == right
+            pipe._slots[slot] = wrong
+            got: asyncio.Future[tuple[object, object]] = asyncio.get_running_loop().create_future()
+            pipe.submit(encode_command((b"GET", key)), lambda v, e: got.set_result((v, e)), 2, key=key)
+            assert await got == (b"v1", None)
+            assert pipe._slots[slot] == right
+        finally:
+            await pipe.close()
+
+    asyncio.run(go())
+
+
 def test_a_primary_killed_under_load(cluster: RedisClusterGroup, stack: Stack) -> None:
     """Its replica is promoted; meanwhile decisions fall back (the same hash on both balancers),
     then come from Redis again, the promoted replica's records honoured, pins and drains too.
